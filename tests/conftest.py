@@ -4,7 +4,10 @@ No network: the model is built from sam2's real tiny config with seeded random w
 a `{"model": state_dict}` checkpoint and loaded back through the project's own loading path.
 """
 
+import base64
 import io
+import json
+import logging
 import os
 import sys
 
@@ -84,3 +87,67 @@ def first_masks(width: int = FRAME_W, height: int = FRAME_H) -> list[np.ndarray]
 
 
 FIRST_BOXES = [[22, 32, 58, 68], [96, 56, 124, 84]]
+
+
+class Function:
+    """The Nuclio function in-process: init_context once, then handler per event."""
+
+    def __init__(self, env: dict, monkeypatch=None):
+        import nuclio_sdk
+
+        import main
+
+        self.main = main
+        saved = {k: os.environ.get(k) for k in env}
+        os.environ.update(env)
+        try:
+            self.context = nuclio_sdk.Context(logger=nuclio_sdk.Logger(logging.WARNING))
+            main.init_context(self.context)
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+
+    def call(self, body, *, content_type="application/json", method="POST"):
+        """Send one event; return (status, decoded JSON body) as Nuclio would answer."""
+        import nuclio_sdk
+
+        if not isinstance(body, (bytes, str)):
+            body = json.dumps(body).encode()
+        if content_type == "application/json" and method == "POST":
+            body = json.loads(body)  # Nuclio's wrapper decodes exactly this content type
+        event = nuclio_sdk.Event(body=body, content_type=content_type, method=method, path="/")
+        output = self.main.handler(self.context, event)
+        response = nuclio_sdk.Response.from_entrypoint_output(json.dumps, output)
+        assert response["content_type"] == "application/json"
+        return response["status_code"], json.loads(response["body"])
+
+    def track(self, image: bytes, *, shapes=None, states=None):
+        n = len(states) if states else len(shapes)
+        body = {
+            "image": base64.b64encode(image).decode(),
+            "shapes": shapes if shapes is not None else [None] * n,
+            "states": states or [],
+        }
+        status, answer = self.call(body)
+        assert status == 200, answer
+        return answer
+
+
+def model_env(checkpoint: str) -> dict:
+    return {
+        "SAM2_CONFIG": CONFIG,
+        "SAM2_CHECKPOINT": checkpoint,
+        "SAM2_CONFIG_OVERRIDES": " ".join(OVERRIDES),
+        "SAM2_DEVICE": "cpu",
+    }
+
+
+@pytest.fixture(scope="session")
+def function(checkpoint) -> Function:
+    """The function with the embedded store (no CVAT_FUNCTIONS_REDIS_HOST)."""
+    env = model_env(checkpoint)
+    env["CVAT_FUNCTIONS_REDIS_HOST"] = ""
+    return Function(env)

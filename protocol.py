@@ -1,0 +1,115 @@
+"""CVAT's tracker request: validated before any model or state work.
+
+Body: {"image": base64 JPEG/PNG, "shapes": [shape or null, ...], "states": [state or null, ...]}.
+- initialising: states == [] and one shape per object;
+- continuing:   states from the previous response and shapes == [null] * len(states);
+- both given:   a shape (re)starts its object, a null shape continues from the state.
+"""
+
+import base64
+import binascii
+import dataclasses
+import hashlib
+import io
+import json
+import re
+import warnings
+from typing import Any
+
+import PIL.Image
+
+from config import Settings
+from errors import BadRequest, PayloadTooLarge
+from tracking import STATE_VERSION, ObjectRequest, StateRef
+
+_HEX32 = re.compile(r"[0-9a-f]{32}")
+_HEX16 = re.compile(r"[0-9a-f]{16}")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TrackRequest:
+    image: PIL.Image.Image  # decoded, RGB-convertible
+    frame_digest: bytes  # sha256 of the encoded frame, for idempotent retries
+    objects: list[ObjectRequest]
+
+
+def parse_body(body: Any, *, max_bytes: int) -> dict:
+    """The JSON object of a request; Nuclio hands it over as a dict, bytes or str."""
+    if isinstance(body, (bytes, bytearray, str)):
+        if len(body) > max_bytes:
+            raise PayloadTooLarge(f"request body is {len(body)} bytes; the limit is {max_bytes} (SAM2_MAX_BODY_BYTES)")
+        if not body:
+            raise BadRequest("request body is empty; send CVAT's JSON with 'image', 'shapes' and 'states'")
+        try:
+            body = json.loads(body)
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+            raise BadRequest(f"request body is not valid JSON ({e})") from None
+    if not isinstance(body, dict):
+        raise BadRequest("request body must be a JSON object with 'image', 'shapes' and 'states'")
+    return body
+
+
+def parse_request(payload: dict, settings: Settings) -> TrackRequest:
+    shapes, states = payload.get("shapes"), payload.get("states", [])
+    if shapes is None and isinstance(states, list):
+        shapes = [None] * len(states)  # continuing: some clients leave "shapes" out
+    if not isinstance(shapes, list):
+        raise BadRequest("'shapes' must be a list (one shape or null per object)")
+    if states is None:
+        states = []
+    if not isinstance(states, list):
+        raise BadRequest("'states' must be a list (one state per object, or empty to initialise)")
+    if states and len(states) != len(shapes):
+        raise BadRequest(f"'shapes' has {len(shapes)} entries but 'states' has {len(states)}; they must match")
+    if len(shapes) > settings.max_objects:
+        raise BadRequest(f"request has {len(shapes)} objects; the limit is {settings.max_objects} (SAM2_MAX_OBJECTS)")
+    objects = []
+    for i, shape in enumerate(shapes):
+        state = states[i] if states else None
+        if shape is None and state is None:
+            raise BadRequest(f"shapes[{i}] is null and there is no states[{i}] to continue from")
+        objects.append(ObjectRequest(shape=shape, state=None if shape is not None else parse_state(state, i)))
+    image, digest = decode_image(payload.get("image"), max_pixels=settings.max_image_pixels)
+    return TrackRequest(image=image, frame_digest=digest, objects=objects)
+
+
+def parse_state(state: Any, index: int) -> StateRef:
+    """A state this function issued (see tracking.StateRef); anything else is refused."""
+    field = f"states[{index}]"
+    if not isinstance(state, dict) or state.get("v") != STATE_VERSION:
+        raise BadRequest(f"{field} is not a state issued by this tracker (version {STATE_VERSION}); re-initialize")
+    sid, t, tok = state.get("id"), state.get("t"), state.get("tok")
+    if not (isinstance(sid, str) and _HEX32.fullmatch(sid)):
+        raise BadRequest(f"{field}.id must be 32 lowercase hex digits")
+    if not (isinstance(t, int) and not isinstance(t, bool) and 0 <= t < 2**31):
+        raise BadRequest(f"{field}.t must be a non-negative integer")
+    if not (isinstance(tok, str) and _HEX16.fullmatch(tok)):
+        raise BadRequest(f"{field}.tok must be 16 lowercase hex digits")
+    return StateRef(id=sid, t=t, tok=tok)
+
+
+def decode_image(value: Any, *, max_pixels: int) -> tuple[PIL.Image.Image, bytes]:
+    if not isinstance(value, str) or not value:
+        raise BadRequest("'image' must be a base64-encoded JPEG or PNG string")
+    try:
+        data = base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError):
+        raise BadRequest("'image' is not valid base64") from None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", PIL.Image.DecompressionBombWarning)
+            image = PIL.Image.open(io.BytesIO(data))
+            width, height = image.size  # read from the header, before any pixel is decoded
+            if width * height > max_pixels:
+                raise BadRequest(
+                    f"image is {width}x{height} = {width * height} pixels; "
+                    f"the limit is {max_pixels} (SAM2_MAX_IMAGE_PIXELS)"
+                )
+            image.load()
+    except BadRequest:
+        raise
+    except (PIL.UnidentifiedImageError, PIL.Image.DecompressionBombError, PIL.Image.DecompressionBombWarning) as e:
+        raise BadRequest(f"'image' is not a decodable image ({e})") from None
+    except (OSError, ValueError, SyntaxError, EOFError) as e:  # PIL's errors for broken files
+        raise BadRequest(f"'image' is truncated or corrupt ({e})") from None
+    return image, hashlib.sha256(data).digest()

@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Make .venv with the tracker's dependencies; with --test also the test tools and the Debian
+# packages the tests run against (redis-server, shellcheck). Safe to run again.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if [ "${1:-}" = "--test" ]; then
+  missing=()
+  command -v redis-server >/dev/null || missing+=(redis-server)
+  command -v shellcheck >/dev/null || missing+=(shellcheck)
+  if [ "${#missing[@]}" -gt 0 ]; then
+    sudo=""
+    [ "$(id -u)" -eq 0 ] || sudo="sudo"
+    echo "installing ${missing[*]} with apt-get"
+    $sudo apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  fi
+  requirements=requirements-test.txt
+else
+  requirements=requirements.txt
+fi
+
+[ -x .venv/bin/python ] || python3 -m venv .venv
+pip=(.venv/bin/python -m pip install --quiet --disable-pip-version-check)
+# torch first and pinned: an unpinned torch pulls a multi-GB CUDA build. Set TORCH_SPEC to
+# choose another build, e.g. TORCH_SPEC="torch==2.5.1" on a CUDA machine.
+"${pip[@]}" "${TORCH_SPEC:-torch==2.13.0}"
+"${pip[@]}" -r "$requirements"
+# sam2 without its dependencies: its torchvision pin serves only the image predictor, and
+# PyPI's torchvision does not import beside a CPU torch. No CUDA toolkit: skip the extension.
+if ! .venv/bin/python -c "import sam2" 2>/dev/null; then
+  SAM2_BUILD_CUDA=0 "${pip[@]}" --no-deps --no-build-isolation sam2==1.1.0
+fi

@@ -1,0 +1,146 @@
+"""CVAT shapes <-> pixel masks and boxes.
+
+Encodings (CVAT, pixel coordinates, x right, y down):
+- rectangle: [x1, y1, x2, y2]
+- polygon:   [x1, y1, x2, y2, ...], one ring of at least 3 points, no holes
+- mask:      [run lengths..., left, top, right, bottom]; right/bottom inclusive; the runs cover
+             the box row by row, alternate background/foreground and start with background.
+
+Output policy: a mask comes back as a mask, a rectangle as the mask's bounding box, and a polygon
+as the outer boundary of the mask's largest connected part, simplified with Douglas-Peucker at
+`tolerance` pixels. A polygon cannot carry holes or several parts, so those are dropped.
+"""
+
+import dataclasses
+from typing import Any, Optional
+
+import cv2
+import numpy as np
+
+from errors import BadRequest
+
+SHAPE_TYPES = ("mask", "polygon", "rectangle")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Prompt:
+    """A decoded input shape: a mask for masks and polygons, a box for rectangles."""
+
+    type: str  # the CVAT shape type, also the type of every output shape for this object
+    mask: Optional[np.ndarray] = None  # [height, width] bool
+    box: Optional[tuple[float, float, float, float]] = None  # x1 < x2, y1 < y2, inside the frame
+
+
+def _numbers(points: Any, field: str) -> np.ndarray:
+    if not isinstance(points, list) or not all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) for v in points
+    ):
+        raise BadRequest(f"{field}.points must be a list of numbers")
+    values = np.asarray(points, dtype=np.float64)
+    if not np.isfinite(values).all():
+        raise BadRequest(f"{field}.points must not contain NaN or infinity")
+    return values
+
+
+def decode_shape(shape: Any, *, width: int, height: int, field: str) -> Prompt:
+    """Validate one CVAT shape and turn it into a prompt for a width x height frame."""
+    if isinstance(shape, list):  # legacy tracker interface: bare rectangle points
+        shape = {"type": "rectangle", "points": shape}
+    if not isinstance(shape, dict):
+        raise BadRequest(f"{field} must be an object with 'type' and 'points'")
+    kind = shape.get("type")
+    if kind not in SHAPE_TYPES:
+        raise BadRequest(f"{field}.type must be one of {', '.join(SHAPE_TYPES)}, got {kind!r}")
+    points = _numbers(shape.get("points"), field)
+    if kind == "rectangle":
+        return Prompt(type=kind, box=_decode_rectangle(points, width=width, height=height, field=field))
+    if kind == "polygon":
+        return Prompt(type=kind, mask=_decode_polygon(points, width=width, height=height, field=field))
+    return Prompt(type=kind, mask=decode_mask(points, width=width, height=height, field=field))
+
+
+def _decode_rectangle(points: np.ndarray, *, width: int, height: int, field: str):
+    if points.size != 4:
+        raise BadRequest(f"{field}.points of a rectangle must be [x1, y1, x2, y2]")
+    x1, x2 = sorted(np.clip(points[0::2], 0, width).tolist())
+    y1, y2 = sorted(np.clip(points[1::2], 0, height).tolist())
+    if x2 - x1 <= 0 or y2 - y1 <= 0:
+        raise BadRequest(f"{field} is a rectangle of zero area inside the frame")
+    return (x1, y1, x2, y2)
+
+
+def _decode_polygon(points: np.ndarray, *, width: int, height: int, field: str) -> np.ndarray:
+    if points.size % 2 or points.size < 6:
+        raise BadRequest(f"{field}.points of a polygon must hold at least 3 (x, y) pairs")
+    xy = points.reshape(-1, 2)
+    # Clip rather than refuse: annotators often drag a vertex past the frame's edge.
+    xy = np.stack([np.clip(xy[:, 0], 0, width - 1), np.clip(xy[:, 1], 0, height - 1)], axis=1)
+    mask = np.zeros((height, width), dtype=np.uint8)
+    cv2.fillPoly(mask, [np.round(xy).astype(np.int32)], 1)
+    if not mask.any():
+        raise BadRequest(f"{field} is an empty polygon")
+    return mask.astype(bool)
+
+
+def decode_mask(points: np.ndarray, *, width: int, height: int, field: str) -> np.ndarray:
+    """CVAT mask RLE to a [height, width] bool array."""
+    if points.size < 5:
+        raise BadRequest(f"{field}.points of a mask must be run lengths then left, top, right, bottom")
+    if not (points == np.floor(points)).all():
+        raise BadRequest(f"{field}.points of a mask must be integers")
+    runs = points[:-4].astype(np.int64)
+    left, top, right, bottom = (int(v) for v in points[-4:])
+    if not (0 <= left <= right < width and 0 <= top <= bottom < height):
+        raise BadRequest(
+            f"{field} mask box [{left}, {top}, {right}, {bottom}] is not inside the {width}x{height} frame"
+        )
+    if (runs < 0).any():
+        raise BadRequest(f"{field}.points of a mask must not hold negative run lengths")
+    box_w, box_h = right - left + 1, bottom - top + 1
+    if runs.sum() != box_w * box_h:
+        raise BadRequest(
+            f"{field} mask runs add up to {int(runs.sum())}, but its box holds {box_w * box_h} pixels"
+        )
+    values = np.zeros(runs.size, dtype=bool)
+    values[1::2] = True  # runs alternate, starting with background
+    if not values[runs > 0].any():
+        raise BadRequest(f"{field} is an empty mask")
+    mask = np.zeros((height, width), dtype=bool)
+    mask[top : bottom + 1, left : right + 1] = np.repeat(values, runs).reshape(box_h, box_w)
+    return mask
+
+
+def encode_shape(mask: np.ndarray, kind: str, *, tolerance: float) -> Optional[dict]:
+    """A [height, width] bool mask as a CVAT shape of `kind`; None when the mask is empty."""
+    ys, xs = np.nonzero(mask.any(axis=1))[0], np.nonzero(mask.any(axis=0))[0]
+    if ys.size == 0:
+        return None
+    left, right, top, bottom = int(xs[0]), int(xs[-1]), int(ys[0]), int(ys[-1])
+    if kind == "rectangle":
+        points = [left, top, right + 1, bottom + 1]  # pixel edges, so one pixel has area 1
+    elif kind == "polygon":
+        points = _mask_to_polygon(mask, tolerance=tolerance)
+    else:
+        points = encode_mask(mask[top : bottom + 1, left : right + 1]) + [left, top, right, bottom]
+    return {"type": kind, "points": points}
+
+
+def encode_mask(crop: np.ndarray) -> list[int]:
+    """Run lengths of a bool crop, row-major, starting with a (possibly empty) background run."""
+    flat = crop.ravel()
+    change = np.flatnonzero(flat[1:] != flat[:-1]) + 1
+    bounds = np.concatenate(([0], change, [flat.size]))
+    runs = np.diff(bounds).tolist()
+    return [0] + runs if flat[0] else runs
+
+
+def _mask_to_polygon(mask: np.ndarray, *, tolerance: float) -> list[float]:
+    contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
+    largest = max(contours, key=lambda c: (cv2.contourArea(c), len(c)))
+    ring = cv2.approxPolyDP(largest, tolerance, True).reshape(-1, 2)
+    if len(ring) < 3:
+        # A part one or two pixels thin simplifies to a line; send its bounding box instead.
+        x, y, w, h = cv2.boundingRect(largest)
+        ring = np.array([[x, y], [x + w, y], [x + w, y + h], [x, y + h]])
+    return [float(v) for v in ring.ravel()]
+
