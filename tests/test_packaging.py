@@ -1,0 +1,426 @@
+"""Nuclio packaging: function.yaml, function-gpu.yaml, deploy_cpu.sh and deploy_gpu.sh.
+
+Nothing here needs Nuclio, Docker or a network. The YAML files are checked field by field against
+what CVAT and Nuclio read (REFERENCE.md §1 and §3); the deploy scripts run with a stub `nuctl`
+first on PATH that records its arguments and the files it was handed.
+"""
+
+import ast
+import json
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
+
+from config import Settings
+
+ROOT = Path(__file__).resolve().parent.parent
+CPU_YAML, GPU_YAML = ROOT / "function.yaml", ROOT / "function-gpu.yaml"
+SCRIPTS = [ROOT / "deploy_cpu.sh", ROOT / "deploy_gpu.sh"]
+DEFAULT_MODEL_ID = "facebook/sam2.1-hiera-tiny"
+each_file = pytest.mark.parametrize("path", [CPU_YAML, GPU_YAML], ids=["cpu", "gpu"])
+
+# The Python inside each pinned non-python base image. Add a tag here only after checking it.
+BASE_IMAGE_PYTHON = {"pytorch/pytorch:2.5.1-cuda12.4-cudnn9-devel": "3.11"}
+# Build-time ENV directives that configure other tools, not the function (see config.py).
+TOOL_ENV = {
+    "HF_HOME", "HF_HUB_OFFLINE", "PIP_NO_CACHE_DIR", "DEBIAN_FRONTEND",
+    "NVIDIA_VISIBLE_DEVICES", "NVIDIA_DRIVER_CAPABILITIES",
+}
+CVAT_TIMEOUT_S = 120  # CVAT_NUCLIO_DEFAULT_TIMEOUT: CVAT abandons a call after this
+
+
+def load(path: Path) -> dict:
+    return yaml.safe_load(path.read_text())
+
+
+def config_env_names() -> set[str]:
+    """Every environment variable config.py reads, taken from its source."""
+    return set(re.findall(r'"((?:SAM2|CVAT)_[A-Z0-9_]+)"', (ROOT / "config.py").read_text()))
+
+
+def runtime_env(function: dict) -> dict[str, str]:
+    return {item["name"]: item["value"] for item in function["spec"]["env"]}
+
+
+def directives(function: dict, kind: str) -> list[str]:
+    return [d["value"] for d in function["spec"]["build"]["directives"]["preCopy"] if d["kind"] == kind]
+
+
+def pip_pins(function: dict) -> dict[str, Requirement]:
+    """Every package named by a `pip install` in the build, by canonical name."""
+    pins = {}
+    for command in directives(function, "RUN"):
+        for part in command.split("&&"):
+            words = shlex.split(part)
+            if "pip" not in words or words[words.index("pip") + 1] != "install":
+                continue
+            words = words[words.index("pip") + 2:]
+            skip_next = False
+            for word in words:
+                if skip_next or word.startswith("-"):
+                    skip_next = word in ("--index-url", "--extra-index-url", "-i")
+                    continue
+                requirement = Requirement(word)
+                pins[canonicalize_name(requirement.name)] = requirement
+    return pins
+
+
+# --- what CVAT reads -----------------------------------------------------------------------
+
+
+@each_file
+def test_annotations_are_what_cvat_parses(path):
+    metadata = load(path)["metadata"]
+    annotations = metadata["annotations"]
+    assert metadata["namespace"] == "cvat"
+    assert all(isinstance(v, str) for v in annotations.values()), "Nuclio annotations are strings"
+    assert annotations["type"] == "tracker"
+    assert annotations["name"] == "Segment Anything 2: Tracker"
+    assert int(annotations["version"]) >= 1
+    assert json.loads(annotations["spec"]) == []
+    shape_types = annotations["supported_shape_types"].split(",")
+    # "rectangle" is what lists the function in CVAT's AI Tools tracker tab.
+    assert sorted(shape_types) == ["mask", "polygon", "rectangle"]
+    assert load(path)["spec"]["description"]
+
+
+def test_cpu_and_gpu_builds_are_one_function_in_cvat():
+    cpu, gpu = load(CPU_YAML), load(GPU_YAML)
+    assert cpu["metadata"] == gpu["metadata"]
+    assert re.fullmatch(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?", cpu["metadata"]["name"])
+    cpu_env, gpu_env = runtime_env(cpu), runtime_env(gpu)
+    assert {k for k in cpu_env if cpu_env[k] != gpu_env.get(k)} == {"SAM2_DEVICE"}
+    assert cpu["spec"]["triggers"]["myHttpTrigger"]["attributes"] == gpu["spec"]["triggers"]["myHttpTrigger"]["attributes"]
+    cpu_pins, gpu_pins = pip_pins(cpu), pip_pins(gpu)
+    shared = set(cpu_pins) & set(gpu_pins)
+    assert {str(cpu_pins[n]) for n in shared} == {str(gpu_pins[n]) for n in shared}
+
+
+# --- what Nuclio reads ---------------------------------------------------------------------
+
+
+@each_file
+def test_handler_resolves_to_main_handler(path):
+    module, function = load(path)["spec"]["handler"].split(":")
+    assert (module, function) == ("main", "handler")
+    # Parsed, not imported: importing main loads the model.
+    tree = ast.parse((ROOT / f"{module}.py").read_text())
+    functions = {node.name: node for node in tree.body if isinstance(node, ast.FunctionDef)}
+    assert [a.arg for a in functions["handler"].args.args] == ["context", "event"]
+    assert [a.arg for a in functions["init_context"].args.args] == ["context"]
+
+
+@each_file
+def test_runtime_matches_the_base_image_python(path):
+    spec = load(path)["spec"]
+    base = spec["build"]["baseImage"]
+    assert ":" in base and not base.endswith(":latest"), "pin the base image by tag"
+    official = re.fullmatch(r"python:(\d+\.\d+)\.\d+-.+", base)
+    python = official.group(1) if official else BASE_IMAGE_PYTHON[base]
+    assert spec["runtime"] == f"python:{python}"
+    assert python in ("3.10", "3.11")  # what sam2 and nuclio 1.14 both support
+
+
+@each_file
+def test_env_names_are_the_functions_settings(path):
+    env = load(path)["spec"]["env"]
+    names = [item["name"] for item in env]
+    assert len(names) == len(set(names))
+    assert set(names) <= config_env_names()
+    assert all(isinstance(item["value"], str) for item in env), "Nuclio env values are strings"
+    values = runtime_env(load(path))
+    assert values["SAM2_MODEL_ID"] == DEFAULT_MODEL_ID
+    assert values["SAM2_DEVICE"] == ("cuda" if path == GPU_YAML else "cpu")
+    assert values["CVAT_FUNCTIONS_REDIS_HOST"] == "cvat_redis_ondisk"
+    assert values["CVAT_FUNCTIONS_REDIS_PORT"] == "6666"
+    assert Settings.from_env(values).redis_host == "cvat_redis_ondisk"  # and config.py accepts them
+
+
+@each_file
+def test_build_env_names_are_settings_or_tool_settings(path):
+    names = {value.split("=", 1)[0] for value in directives(load(path), "ENV")}
+    assert names <= config_env_names() | TOOL_ENV
+
+
+@each_file
+def test_default_weights_are_baked_in_and_nothing_downloads_at_run_time(path):
+    from sam2.build_sam import HF_MODEL_ID_TO_FILENAMES
+
+    steps = load(path)["spec"]["build"]["directives"]["preCopy"]
+    text = [f"{s['kind']} {s['value']}" for s in steps]
+    download = next(i for i, t in enumerate(text) if "hf_hub_download" in t)
+    assert text.index(f"ENV SAM2_MODEL_ID={DEFAULT_MODEL_ID}") < download
+    assert text.index("ENV HF_HOME=/opt/huggingface") < download
+    offline = text.index("ENV HF_HUB_OFFLINE=1")
+    assert offline > download, "offline only once the weights are in the image"
+    assert "HF_MODEL_ID_TO_FILENAMES" in text[download]  # sam2 names the weights file
+    assert DEFAULT_MODEL_ID in HF_MODEL_ID_TO_FILENAMES
+
+
+@each_file
+def test_packages_are_pinned_and_satisfy_requirements_txt(path):
+    pins = pip_pins(load(path))
+    for name, requirement in pins.items():
+        assert str(requirement.specifier).startswith("=="), f"{name} is not pinned"
+    for line in (ROOT / "requirements.txt").read_text().splitlines():
+        line = line.split("#", 1)[0].strip()
+        if not line or line.startswith("-"):
+            continue
+        wanted = Requirement(line)
+        pinned = pins[canonicalize_name(wanted.name)]
+        version = str(pinned.specifier).removeprefix("==")
+        assert wanted.specifier.contains(version, prereleases=True), f"{pinned} vs requirements.txt {wanted}"
+        assert wanted.extras <= pinned.extras
+    assert str(pins["sam2"].specifier) == "==1.1.0"
+
+
+def test_torch_is_new_enough_for_sam2_and_cpu_only_on_cpu():
+    cpu = load(CPU_YAML)
+    assert str(pip_pins(cpu)["torch"].specifier) == "==2.5.1+cpu"
+    assert any("download.pytorch.org/whl/cpu" in c and "torch==" in c for c in directives(cpu, "RUN"))
+    gpu = load(GPU_YAML)
+    assert "torch" not in pip_pins(gpu)  # it comes with the base image
+    assert gpu["spec"]["build"]["baseImage"].startswith("pytorch/pytorch:2.5.1-")
+
+
+def test_sam2_cuda_extension_is_built_on_gpu_only():
+    [gpu_sam2] = [c for c in directives(load(GPU_YAML), "RUN") if "sam2==" in c]
+    assert "SAM2_BUILD_CUDA=1" in gpu_sam2
+    assert "SAM2_BUILD_ALLOW_ERRORS=0" in gpu_sam2, "a failed extension build must fail the image"
+    assert "TORCH_CUDA_ARCH_LIST=" in gpu_sam2, "no GPU at build time to detect architectures"
+    assert "--no-deps" in gpu_sam2
+    assert load(GPU_YAML)["spec"]["build"]["baseImage"].endswith("-devel"), "nvcc is in devel images"
+    [cpu_sam2] = [c for c in directives(load(CPU_YAML), "RUN") if "sam2==" in c]
+    assert "SAM2_BUILD_CUDA=0" in cpu_sam2 and "--no-deps" in cpu_sam2
+
+
+@each_file
+def test_http_trigger_takes_4k_frames(path):
+    spec = load(path)["spec"]
+    [trigger] = spec["triggers"].values()
+    assert trigger["kind"] == "http"
+    assert "maxWorkers" not in trigger, "deprecated; use numWorkers"
+    if path == GPU_YAML:
+        assert trigger["numWorkers"] == 1  # one model per GPU; scale out with replicas
+    else:
+        assert trigger["numWorkers"] >= 1
+    body = trigger["attributes"]["maxRequestBodySize"]
+    assert body >= 3840 * 2160 * 3 * 4 // 3  # an uncompressed-size 4K PNG, base64-encoded
+    assert body == Settings().max_body_bytes == int(runtime_env(load(path))["SAM2_MAX_BODY_BYTES"])
+
+
+@each_file
+def test_gpu_limit_only_in_the_gpu_file(path):
+    limits = load(path)["spec"].get("resources", {}).get("limits", {})
+    assert limits.get("nvidia.com/gpu") == (1 if path == GPU_YAML else None)
+
+
+@each_file
+def test_scaling_readiness_restarts_and_timeout(path):
+    spec = load(path)["spec"]
+    assert 1 <= spec["minReplicas"] < spec["maxReplicas"]  # several: the state is shared
+    assert spec["readinessTimeoutSeconds"] >= 120  # a cold start loads torch and the weights
+    assert spec["platform"]["attributes"]["restartPolicy"]["name"] == "always"
+    assert spec["platform"]["attributes"]["restartPolicy"]["maximumRetryCount"] > 0
+    timeout = re.fullmatch(r"(\d+)s", spec["eventTimeout"])
+    assert timeout and 30 <= int(timeout.group(1)) <= CVAT_TIMEOUT_S
+
+
+# --- CVAT's own deploy scripts -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["function.yaml", "function-gpu.yaml"])
+def test_cvat_scripts_find_only_the_root_function_files(name):
+    # CVAT's serverless/deploy_*.sh deploy every match of this glob, each with its own folder as
+    # --path; a second match below the root would deploy a second function.
+    found = subprocess.run(
+        ["bash", "-O", "globstar", "-O", "nullglob", "-c", f'printf "%s\\n" "$1"/**/{name}', "_", str(ROOT)],
+        capture_output=True, text=True, check=True,
+    ).stdout.split()
+    assert [Path(p).resolve() for p in found] == [ROOT / name]
+
+
+def test_no_dockerfile_beside_the_function_files():
+    # CVAT's scripts would build it as a base image before deploying.
+    assert not (ROOT / "Dockerfile").exists()
+
+
+# --- deploy_cpu.sh and deploy_gpu.sh -------------------------------------------------------
+
+STUB = """#!{python}
+import json, os, sys
+args = sys.argv[1:]
+record = {{"args": args}}
+if args[:1] == ["deploy"]:
+    path, file = args[args.index("--path") + 1], args[args.index("--file") + 1]
+    record.update(path=path, entries=sorted(os.listdir(path)), yaml=open(file).read())
+with open(os.environ["NUCTL_STUB_LOG"], "a") as log:
+    log.write(json.dumps(record) + "\\n")
+"""
+
+
+@pytest.fixture
+def deploy(tmp_path):
+    """Run a deploy script with a recording stub nuctl; returns (process, [recorded calls])."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "nuctl").write_text(STUB.format(python=sys.executable))
+    (bin_dir / "nuctl").chmod(0o755)
+    log = tmp_path / "nuctl.log"
+
+    def run(script, *args, env=None, stub=True):
+        clean = {k: v for k, v in os.environ.items() if not k.startswith(("CVAT_FUNCTIONS_", "NUCTL_"))}
+        path = clean["PATH"] if not stub else f"{bin_dir}{os.pathsep}{clean['PATH']}"
+        if not stub:  # hide any real nuctl too
+            path = os.pathsep.join(d for d in path.split(os.pathsep) if not Path(d, "nuctl").exists())
+        clean.update(PATH=path, NUCTL_STUB_LOG=str(log), TMPDIR=str(tmp_path), **(env or {}))
+        process = subprocess.run([str(ROOT / script), *args], capture_output=True, text=True, env=clean)
+        calls = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+        log.unlink(missing_ok=True)
+        return process, calls
+
+    return run
+
+
+def option(args: list[str], name: str) -> list[str]:
+    return [args[i + 1] for i, a in enumerate(args) if a == name]
+
+
+def the_deploy(calls: list[dict]) -> dict:
+    [call] = [c for c in calls if c["args"][0] == "deploy"]
+    return call
+
+
+@pytest.mark.skipif(shutil.which("shellcheck") is None, reason="shellcheck not installed (apt-get install shellcheck)")
+def test_scripts_pass_shellcheck():
+    result = subprocess.run(["shellcheck", *map(str, SCRIPTS)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
+def test_scripts_stop_on_errors(script):
+    assert re.search(r"^set -eu", script.read_text(), re.M)
+    assert os.access(script, os.X_OK)
+
+
+def test_help_needs_no_nuctl(deploy):
+    process, calls = deploy("deploy_gpu.sh", "--help", stub=False)
+    assert process.returncode == 0
+    for word in ("--model", "tiny", "base+", "large", "--platform", "--namespace", "--registry", "--run-registry"):
+        assert word in process.stdout
+    assert calls == []
+
+
+def test_missing_nuctl_is_explained(deploy):
+    process, _ = deploy("deploy_cpu.sh", stub=False)
+    assert process.returncode != 0
+    assert "nuctl is not on PATH" in process.stderr
+
+
+def test_local_deploy_matches_cvats_scripts(deploy):
+    process, calls = deploy("deploy_cpu.sh")
+    assert process.returncode == 0, process.stderr
+    assert [c["args"][:2] for c in calls] == [["create", "project"], ["deploy", "--project-name"], ["get", "function"]]
+    assert calls[0]["args"] == ["create", "project", "cvat", "--platform", "local"]
+    args = the_deploy(calls)["args"]
+    assert option(args, "--project-name") == ["cvat"]
+    assert option(args, "--platform") == ["local"]
+    assert json.loads(option(args, "--platform-config")[0]) == {"attributes": {"network": "cvat_cvat"}}
+    assert option(args, "--env") == [
+        "CVAT_FUNCTIONS_REDIS_HOST=cvat_redis_ondisk",
+        "CVAT_FUNCTIONS_REDIS_PORT=6666",
+        "CVAT_FUNCTIONS_REDIS_PASSWORD=",
+    ]
+    assert Path(option(args, "--file")[0]).name == "function.yaml"
+    assert "--registry" not in args and "--namespace" not in args
+    assert calls[-1]["args"] == ["get", "function", "--platform", "local"]
+
+
+def test_deployed_copy_holds_the_function_and_nothing_else(deploy):
+    _, calls = deploy("deploy_cpu.sh")
+    call = the_deploy(calls)
+    assert {"main.py", "config.py", "requirements.txt", "function.yaml"} <= set(call["entries"])
+    assert not {"tests", "bench", ".git", ".venv"} & set(call["entries"])
+    assert call["yaml"] == CPU_YAML.read_text()  # tiny: the file as committed
+    assert not Path(call["path"]).exists(), "the staging copy is removed afterwards"
+
+
+def test_gpu_script_deploys_the_gpu_file(deploy):
+    process, calls = deploy("deploy_gpu.sh")
+    assert process.returncode == 0, process.stderr
+    call = the_deploy(calls)
+    assert Path(option(call["args"], "--file")[0]).name == "function-gpu.yaml"
+    assert yaml.safe_load(call["yaml"])["spec"]["resources"]["limits"]["nvidia.com/gpu"] == 1
+
+
+def test_kube_deploy(deploy):
+    process, calls = deploy(
+        "deploy_gpu.sh", "--platform", "kube", "--namespace", "cvat-nuclio",
+        "--registry", "registry.example:5000", "--run-registry", "registry.internal:5000",
+    )
+    assert process.returncode == 0, process.stderr
+    assert calls[0]["args"] == ["create", "project", "cvat", "--platform", "kube", "--namespace", "cvat-nuclio"]
+    args = the_deploy(calls)["args"]
+    assert option(args, "--platform") == ["kube"]
+    assert option(args, "--namespace") == ["cvat-nuclio"]
+    assert option(args, "--registry") == ["registry.example:5000"]
+    assert option(args, "--run-registry") == ["registry.internal:5000"]
+    assert "--platform-config" not in args  # the Docker network means nothing on Kubernetes
+    assert calls[-1]["args"] == ["get", "function", "--platform", "kube", "--namespace", "cvat-nuclio"]
+
+
+def test_kube_pulls_from_the_push_registry_by_default(deploy):
+    _, calls = deploy("deploy_cpu.sh", "--platform", "kube", env={"NUCTL_REGISTRY": "reg.example"})
+    args = the_deploy(calls)["args"]
+    assert option(args, "--registry") == option(args, "--run-registry") == ["reg.example"]
+    assert option(args, "--namespace") == ["nuclio"]
+
+
+def test_kube_without_a_registry_is_refused(deploy):
+    process, calls = deploy("deploy_cpu.sh", "--platform", "kube")
+    assert process.returncode != 0 and "--registry" in process.stderr
+    assert calls == []
+
+
+def test_redis_address_comes_from_options_or_environment(deploy):
+    env = {"CVAT_FUNCTIONS_REDIS_HOST": "kvrocks.cvat.svc", "CVAT_FUNCTIONS_REDIS_PASSWORD": "s3cret"}
+    _, calls = deploy("deploy_cpu.sh", "--redis-port", "6379", env=env)
+    assert option(the_deploy(calls)["args"], "--env") == [
+        "CVAT_FUNCTIONS_REDIS_HOST=kvrocks.cvat.svc",
+        "CVAT_FUNCTIONS_REDIS_PORT=6379",
+        "CVAT_FUNCTIONS_REDIS_PASSWORD=s3cret",
+    ]
+
+
+@pytest.mark.parametrize("script", ["deploy_cpu.sh", "deploy_gpu.sh"])
+@pytest.mark.parametrize("variant, model_id", [("small", "facebook/sam2.1-hiera-small"),
+                                               ("base+", "facebook/sam2.1-hiera-base-plus"),
+                                               ("large", "facebook/sam2.1-hiera-large")])
+def test_model_variant_sets_both_the_baked_weights_and_the_model_id(deploy, script, variant, model_id):
+    from sam2.build_sam import HF_MODEL_ID_TO_FILENAMES
+
+    process, calls = deploy(script, "--model", variant)
+    assert process.returncode == 0, process.stderr
+    text = the_deploy(calls)["yaml"]
+    assert "hiera-tiny" not in text
+    function = yaml.safe_load(text)
+    assert runtime_env(function)["SAM2_MODEL_ID"] == model_id  # loaded at run time
+    assert f"SAM2_MODEL_ID={model_id}" in directives(function, "ENV")  # downloaded at build time
+    assert model_id.split("/")[1] in function["spec"]["build"]["image"]  # one image per variant
+    assert model_id in HF_MODEL_ID_TO_FILENAMES
+
+
+def test_unknown_model_variant_is_refused(deploy):
+    process, calls = deploy("deploy_cpu.sh", "--model", "huge")
+    assert process.returncode != 0
+    assert "tiny, small, base+ or large" in process.stderr
+    assert calls == []
