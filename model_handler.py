@@ -180,6 +180,17 @@ class Sam2Tracker:
         memory = FrameMemory(maskmem=maskmem.to(torch.bfloat16), obj_ptr=out["obj_ptr"])
         return Step(memory=memory, mask=self._to_frame_mask(pred_masks, frame))
 
+    def window(self, index: int) -> tuple[range, range]:
+        """The earlier frames `track(index=index)` reads: (pointer frames, memory frames).
+
+        The prompt frame (0) is read on every frame and is in neither range; older frames can be
+        forgotten, and a frame only in the first range needs its pointer, not its memory.
+        """
+        return (
+            range(max(1, index - self.pointer_frames), index),
+            range(max(1, index - self.memory_frames), index),
+        )
+
     def track(
         self,
         frame: Frame,
