@@ -5,16 +5,22 @@ once written, keeps its value until it is deleted or the session expires (the tr
 rewrites a field; `commit` refuses to). That lets a replica cache fields without asking whether
 they changed. Stores know nothing about SAM2: they hold bytes.
 
-`EmbeddedStore` keeps sessions in this process (the default, for one replica); the Redis store
-shares them between replicas.
+`EmbeddedStore` keeps sessions in this process (the default, for one replica); `RedisStore`
+shares them between replicas through Redis or Kvrocks.
 """
 
 import abc
+import collections
+import secrets
 import threading
 import time
-from typing import Mapping, Sequence
+from typing import Mapping, Optional, Sequence
 
-from errors import StateConflict, StateNotFound
+import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+from errors import StateConflict, StateNotFound, StoreUnavailable
 
 
 class StateStore(abc.ABC):
@@ -106,10 +112,253 @@ class EmbeddedStore(StateStore):
             return True
 
 
+# --- Redis ------------------------------------------------------------------------------------
+
+# Reserved field of every session hash: a random value replaced by every write, so a replica can
+# tell whether the copy it cached is still current. Tracker field names never start with "#".
+_GEN = "#gen"
+_COMMIT_ATTEMPTS = 5  # a commit whose session changed under it checks the guard again
+
+
+class _Entry:
+    """One cached session: the fields this replica has seen, valid while `gen` is current."""
+
+    def __init__(self, gen: bytes, fields: dict[str, bytes]):
+        self.gen = gen
+        self.fields = fields
+        self.size = sum(len(k) + len(v) for k, v in fields.items())
+
+
+class _SessionCache:
+    """Recently used sessions, least recently used dropped first, at most `max_bytes` of fields."""
+
+    def __init__(self, max_bytes: int):
+        self._max_bytes = max_bytes
+        self._entries: collections.OrderedDict[str, _Entry] = collections.OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()
+
+    def lookup(self, session: str, names: Sequence[str]) -> tuple[Optional[bytes], dict[str, bytes]]:
+        """(generation, the named fields held) of a cached session; (None, {}) if not cached."""
+        with self._lock:
+            entry = self._entries.get(session)
+            if entry is None:
+                return None, {}
+            self._entries.move_to_end(session)
+            return entry.gen, {name: entry.fields[name] for name in names if name in entry.fields}
+
+    def merge(self, session: str, gen: Optional[bytes], fields: Mapping[str, bytes]) -> None:
+        """Add fields read at generation `gen`; a copy of another generation is replaced."""
+        with self._lock:
+            entry = self._entries.get(session)
+            if entry is not None and entry.gen == gen:
+                self._set(session, _Entry(gen, {**entry.fields, **fields}))
+            elif gen is not None:
+                self._set(session, _Entry(gen, dict(fields)))
+            else:  # not a session this store wrote: nothing to key a cached copy on
+                self._discard(session)
+
+    def advance(self, session, *, previous, gen, put: Mapping[str, bytes], delete: Sequence[str]) -> None:
+        """Apply this replica's own commit, which moved the session from `previous` to `gen`."""
+        with self._lock:
+            entry = self._entries.get(session)
+            # If another replica wrote in between, only the fields just written are known to exist.
+            fields = dict(entry.fields) if entry is not None and entry.gen == previous else {}
+            fields.update(put)
+            for name in delete:
+                fields.pop(name, None)
+            self._set(session, _Entry(gen, fields))
+
+    def drop(self, session: str) -> None:
+        with self._lock:
+            self._discard(session)
+
+    def _discard(self, session: str) -> None:
+        entry = self._entries.pop(session, None)
+        if entry is not None:
+            self._bytes -= entry.size
+
+    def _set(self, session: str, entry: _Entry) -> None:
+        self._discard(session)
+        if entry.size > self._max_bytes:
+            return
+        self._entries[session] = entry
+        self._bytes += entry.size
+        while self._bytes > self._max_bytes:
+            _, oldest = self._entries.popitem(last=False)
+            self._bytes -= oldest.size
+
+
+class RedisStore(StateStore):
+    """Sessions in Redis (or Kvrocks), shared by every replica; recently used ones cached here.
+
+    A session is one hash, `<prefix><id>`: its fields plus `#gen`. Every write sets the key's TTL
+    in the same transaction and every read refreshes it, so no key lives without one and a
+    session lasts `ttl_s` after its last use. Only commands Kvrocks 2.7 has are sent (REFERENCE
+    §4): HMGET, HSET, HDEL, EXPIRE, WATCH, MULTI/EXEC and PING.
+
+    A replica's cached copy of a session is current while `#gen` is the one it last saw. Fields
+    are write-once, so then only the fields it lacks are read; when another replica has written
+    since, it reads everything again, because that replica may have deleted cached fields.
+    """
+
+    def __init__(self, client: redis.Redis, *, prefix: str, ttl_s: int, cache_bytes: int, where: str):
+        self._client = client
+        self._prefix = prefix  # one prefix for every key: Kvrocks before 2.15 ignores SELECT
+        self._ttl_s = ttl_s
+        self._cache = _SessionCache(cache_bytes)
+        self._where = where  # "Redis at host:port", for error messages
+
+    @classmethod
+    def from_settings(cls, settings) -> "RedisStore":
+        """The store with its connection pool; init_context builds one per worker process."""
+        pool = redis.ConnectionPool(
+            host=settings.redis_host,
+            port=settings.redis_port,
+            password=settings.redis_password,
+            # Bounded waits: a slow or unreachable Redis costs a request at most about this long.
+            socket_timeout=settings.redis_timeout_s,
+            socket_connect_timeout=settings.redis_timeout_s,
+            # A pooled connection that a Redis restart dropped is retried once on a fresh one;
+            # reads and `create` are idempotent. A commit is not retried here: a caller that
+            # retries the request gets the same answer (the guard). Timeouts are not retried.
+            retry=Retry(NoBackoff(), 1, supported_errors=(redis.ConnectionError,)),
+            retry_on_error=[redis.ConnectionError],
+            # redis-py would announce itself with CLIENT SETINFO, which Kvrocks 2.7 lacks.
+            lib_name=None,
+            lib_version=None,
+        )
+        return cls(
+            redis.Redis(connection_pool=pool),
+            prefix=settings.state_prefix,
+            ttl_s=settings.state_ttl_s,
+            cache_bytes=settings.cache_bytes,
+            where=f"Redis at {settings.redis_host}:{settings.redis_port}",
+        )
+
+    def create(self, session, fields):
+        key = self._prefix + session
+        gen = secrets.token_bytes(8)
+        pipe = self._client.pipeline(transaction=True)  # MULTI/EXEC: the hash and its TTL together
+        pipe.hset(key, mapping={_GEN: gen, **fields})
+        pipe.expire(key, self._ttl_s)
+        self._call(session, pipe.execute)
+        self._cache.merge(session, gen, fields)
+
+    def read(self, session, names):
+        gen, cached = self._cache.lookup(session, names)
+        missing = [name for name in names if name not in cached]
+        current, fetched = self._fetch(session, missing, refresh=True)
+        if cached and current != gen:
+            # Another replica wrote since this copy was cached and may have deleted some of its
+            # fields: read those again, and everything at once if yet another write came between.
+            again, refetched = self._fetch(session, list(cached), refresh=False)
+            if again == current:
+                fetched.update(refetched)
+            else:
+                current, fetched = self._fetch(session, list(names), refresh=False)
+            cached = {}
+        self._cache.merge(session, current, fetched)
+        return {**cached, **fetched}
+
+    def _fetch(self, session: str, names: list, *, refresh: bool) -> tuple[Optional[bytes], dict[str, bytes]]:
+        """(generation, the named fields that exist), in one round trip; refresh: also the TTL."""
+        key = self._prefix + session
+        pipe = self._client.pipeline(transaction=False)
+        if refresh:
+            pipe.expire(key, self._ttl_s)  # 0: no such key
+        pipe.hmget(key, [_GEN, *names])
+        replies = self._call(session, pipe.execute)
+        gen, *values = replies[-1]
+        if (refresh and not replies[0]) or (not refresh and gen is None):
+            self._cache.drop(session)
+            raise StateNotFound(f"tracking state {session} is unknown or has expired; re-initialize the object")
+        return gen, {name: value for name, value in zip(names, values) if value is not None}
+
+    def commit(self, session, *, guard, put, delete=()):
+        key = self._prefix + session
+        name, value = guard
+        gen = secrets.token_bytes(8)
+        writes = [("HSET", key, _GEN, gen, name, value, *(item for field in put.items() for item in field))]
+        if delete:
+            writes.append(("HDEL", key, *delete))
+        writes.append(("EXPIRE", key, self._ttl_s))
+
+        def decide(held, previous):
+            # Write only if the session exists and nobody has taken the guard field yet.
+            return writes if previous is not None and held is None else []
+
+        for _ in range(_COMMIT_ATTEMPTS):
+            (held, previous), done = self._call(session, lambda: self._watched(key, [name, _GEN], decide))
+            if previous is None:
+                self._cache.drop(session)
+                raise StateNotFound(f"tracking state {session} is unknown or has expired; re-initialize the object")
+            if held == value:
+                return False  # a retry of a request that already committed
+            if held is not None:
+                raise StateConflict(
+                    f"tracking state {session} was already advanced by another request; re-initialize the object"
+                )
+            if done is not None:
+                self._cache.advance(session, previous=previous, gen=gen, put={name: value, **put}, delete=delete)
+                return True
+            # The session changed between the check and the write (EXEC did nothing): check again.
+        raise StateConflict(f"tracking state {session} is being changed by several requests at once; retry")
+
+    def _watched(self, key: str, names: list, decide) -> tuple[list, Optional[list]]:
+        """WATCH key, HMGET its `names`, then MULTI, the commands `decide(*values)` returns, EXEC.
+
+        Returns (values, EXEC's replies); the replies are None when the key changed after WATCH,
+        in which case nothing was written. Two round trips; EXEC always ends the WATCH.
+        """
+        pool = self._client.connection_pool
+        conn = pool.get_connection("WATCH")
+        try:
+            conn.send_packed_command(conn.pack_commands([("WATCH", key), ("HMGET", key, *names)]))
+            conn.read_response()
+            values = conn.read_response()
+            commands = decide(*values)
+            conn.send_packed_command(conn.pack_commands([("MULTI",), *commands, ("EXEC",)]))
+            for _ in range(len(commands) + 1):
+                conn.read_response()  # OK, then QUEUED per command
+            done = conn.read_response()
+            if done is not None:
+                for reply in done:
+                    if isinstance(reply, redis.ResponseError):
+                        raise reply
+            return values, done
+        except BaseException:
+            conn.disconnect()  # never pool a connection with a WATCH pending or replies unread
+            raise
+        finally:
+            pool.release(conn)
+
+    def ping(self):
+        self._call(None, self._client.ping)
+
+    def close(self):
+        self._client.connection_pool.disconnect()
+
+    def _call(self, session: Optional[str], fn):
+        """Run fn, turning Redis' errors into the tracker's own."""
+        try:
+            return fn()
+        except (redis.ConnectionError, redis.TimeoutError) as e:
+            raise StoreUnavailable(
+                f"state store ({self._where}) is unreachable or did not answer in time ({e}); retry later"
+            ) from e
+        except redis.ResponseError as e:
+            if session is not None and "WRONGTYPE" in str(e):
+                raise StateNotFound(
+                    f"tracking state {session} is not a tracking session in the store; re-initialize the object"
+                ) from e
+            raise StoreUnavailable(f"state store ({self._where}) refused a command ({e})") from e
+        except redis.RedisError as e:
+            raise StoreUnavailable(f"state store ({self._where}) failed ({e})") from e
+
+
 def make_store(settings) -> StateStore:
     """The Redis store when CVAT_FUNCTIONS_REDIS_HOST is set, else the embedded one."""
     if settings.redis_host:
-        from redis_store import RedisStore
-
         return RedisStore.from_settings(settings)
     return EmbeddedStore(ttl_s=settings.state_ttl_s)
