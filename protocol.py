@@ -24,6 +24,10 @@ from tracking import STATE_VERSION, ObjectRequest, StateRef
 
 _HEX32 = re.compile(r"[0-9a-f]{32}")
 _HEX16 = re.compile(r"[0-9a-f]{16}")
+# CVAT sends JPEG or PNG frames, or an image task's original files; Pillow's rarer decoders
+# (PSD, ICNS, ...) are left out on purpose, since every decoder is attack surface. "JPEG" also
+# opens the multi-picture JPEGs (MPO) that cameras write.
+IMAGE_FORMATS = ("JPEG", "PNG", "BMP", "TIFF", "WEBP")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -36,13 +40,14 @@ class TrackRequest:
 def parse_body(body: Any, *, max_bytes: int) -> dict:
     """The JSON object of a request; Nuclio hands it over as a dict, bytes or str."""
     if isinstance(body, (bytes, bytearray, str)):
-        if len(body) > max_bytes:
-            raise PayloadTooLarge(f"request body is {len(body)} bytes; the limit is {max_bytes} (SAM2_MAX_BODY_BYTES)")
+        size = len(body.encode()) if isinstance(body, str) else len(body)
+        if size > max_bytes:
+            raise PayloadTooLarge(f"request body is {size} bytes; the limit is {max_bytes} (SAM2_MAX_BODY_BYTES)")
         if not body:
             raise BadRequest("request body is empty; send CVAT's JSON with 'image', 'shapes' and 'states'")
         try:
             body = json.loads(body)
-        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        except (ValueError, RecursionError) as e:  # ValueError: bad JSON, bad UTF-8, an over-long integer
             raise BadRequest(f"request body is not valid JSON ({e})") from None
     if not isinstance(body, dict):
         raise BadRequest("request body must be a JSON object with 'image', 'shapes' and 'states'")
@@ -51,8 +56,10 @@ def parse_body(body: Any, *, max_bytes: int) -> dict:
 
 def parse_request(payload: dict, settings: Settings) -> TrackRequest:
     shapes, states = payload.get("shapes"), payload.get("states", [])
-    if shapes is None and isinstance(states, list):
+    if shapes is None and isinstance(states, list) and states:
         shapes = [None] * len(states)  # continuing: some clients leave "shapes" out
+    if shapes is None:
+        raise BadRequest("'shapes' is missing; send one shape per object to initialise, or 'states' to continue")
     if not isinstance(shapes, list):
         raise BadRequest("'shapes' must be a list (one shape or null per object)")
     if states is None:
@@ -61,6 +68,8 @@ def parse_request(payload: dict, settings: Settings) -> TrackRequest:
         raise BadRequest("'states' must be a list (one state per object, or empty to initialise)")
     if states and len(states) != len(shapes):
         raise BadRequest(f"'shapes' has {len(shapes)} entries but 'states' has {len(states)}; they must match")
+    if not shapes:
+        raise BadRequest("'shapes' and 'states' are both empty; there is no object to track")
     if len(shapes) > settings.max_objects:
         raise BadRequest(f"request has {len(shapes)} objects; the limit is {settings.max_objects} (SAM2_MAX_OBJECTS)")
     objects = []
@@ -89,6 +98,7 @@ def parse_state(state: Any, index: int) -> StateRef:
 
 
 def decode_image(value: Any, *, max_pixels: int) -> tuple[PIL.Image.Image, bytes]:
+    """The frame as an RGB image, and the sha256 of its encoded bytes."""
     if not isinstance(value, str) or not value:
         raise BadRequest("'image' must be a base64-encoded JPEG or PNG string")
     try:
@@ -97,19 +107,23 @@ def decode_image(value: Any, *, max_pixels: int) -> tuple[PIL.Image.Image, bytes
         raise BadRequest("'image' is not valid base64") from None
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("error", PIL.Image.DecompressionBombWarning)
-            image = PIL.Image.open(io.BytesIO(data))
-            width, height = image.size  # read from the header, before any pixel is decoded
-            if width * height > max_pixels:
-                raise BadRequest(
-                    f"image is {width}x{height} = {width * height} pixels; "
-                    f"the limit is {max_pixels} (SAM2_MAX_IMAGE_PIXELS)"
-                )
-            image.load()
-    except BadRequest:
-        raise
-    except (PIL.UnidentifiedImageError, PIL.Image.DecompressionBombError, PIL.Image.DecompressionBombWarning) as e:
-        raise BadRequest(f"'image' is not a decodable image ({e})") from None
-    except (OSError, ValueError, SyntaxError, EOFError) as e:  # PIL's errors for broken files
+            # Pillow's own bomb warning fires at 89M pixels; the limit enforced is ours, below.
+            warnings.simplefilter("ignore", PIL.Image.DecompressionBombWarning)
+            image = PIL.Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
+        width, height = image.size  # read from the header, before any pixel is decoded
+    except PIL.Image.DecompressionBombError:  # a header claiming over 2 * 89M pixels
+        raise BadRequest(
+            f"'image' claims over {2 * PIL.Image.MAX_IMAGE_PIXELS} pixels, a decompression bomb; "
+            f"the limit is {max_pixels} (SAM2_MAX_IMAGE_PIXELS)"
+        ) from None
+    except Exception as e:  # Pillow raises many types for bytes that are no image
+        raise BadRequest(f"'image' is not a {', '.join(IMAGE_FORMATS)} image ({type(e).__name__})") from None
+    if width * height > max_pixels:
+        raise BadRequest(
+            f"'image' is {width}x{height} = {width * height} pixels; the limit is {max_pixels} (SAM2_MAX_IMAGE_PIXELS)"
+        )
+    try:
+        image = image.convert("RGB")  # decodes every pixel, so a broken file fails here, not in the model
+    except Exception as e:  # truncated or corrupt data: OSError, SyntaxError, EOFError, struct.error...
         raise BadRequest(f"'image' is truncated or corrupt ({e})") from None
     return image, hashlib.sha256(data).digest()

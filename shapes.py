@@ -12,6 +12,7 @@ as the outer boundary of the mask's largest connected part, simplified with Doug
 """
 
 import dataclasses
+import reprlib
 from typing import Any, Optional
 
 import cv2
@@ -36,7 +37,10 @@ def _numbers(points: Any, field: str) -> np.ndarray:
         isinstance(v, (int, float)) and not isinstance(v, bool) for v in points
     ):
         raise BadRequest(f"{field}.points must be a list of numbers")
-    values = np.asarray(points, dtype=np.float64)
+    try:
+        values = np.asarray(points, dtype=np.float64)
+    except OverflowError:  # an integer too long for a float, e.g. 10**400
+        raise BadRequest(f"{field}.points holds a number out of range") from None
     if not np.isfinite(values).all():
         raise BadRequest(f"{field}.points must not contain NaN or infinity")
     return values
@@ -50,7 +54,7 @@ def decode_shape(shape: Any, *, width: int, height: int, field: str) -> Prompt:
         raise BadRequest(f"{field} must be an object with 'type' and 'points'")
     kind = shape.get("type")
     if kind not in SHAPE_TYPES:
-        raise BadRequest(f"{field}.type must be one of {', '.join(SHAPE_TYPES)}, got {kind!r}")
+        raise BadRequest(f"{field}.type must be one of {', '.join(SHAPE_TYPES)}, got {reprlib.repr(kind)}")
     points = _numbers(shape.get("points"), field)
     if kind == "rectangle":
         return Prompt(type=kind, box=_decode_rectangle(points, width=width, height=height, field=field))
@@ -73,6 +77,8 @@ def _decode_polygon(points: np.ndarray, *, width: int, height: int, field: str) 
     if points.size % 2 or points.size < 6:
         raise BadRequest(f"{field}.points of a polygon must hold at least 3 (x, y) pairs")
     xy = points.reshape(-1, 2)
+    if xy[:, 0].max() < 0 or xy[:, 0].min() > width - 1 or xy[:, 1].max() < 0 or xy[:, 1].min() > height - 1:
+        raise BadRequest(f"{field} is a polygon entirely outside the {width}x{height} frame")
     # Clip rather than refuse: annotators often drag a vertex past the frame's edge.
     xy = np.stack([np.clip(xy[:, 0], 0, width - 1), np.clip(xy[:, 1], 0, height - 1)], axis=1)
     mask = np.zeros((height, width), dtype=np.uint8)
@@ -88,15 +94,18 @@ def decode_mask(points: np.ndarray, *, width: int, height: int, field: str) -> n
         raise BadRequest(f"{field}.points of a mask must be run lengths then left, top, right, bottom")
     if not (points == np.floor(points)).all():
         raise BadRequest(f"{field}.points of a mask must be integers")
-    runs = points[:-4].astype(np.int64)
     left, top, right, bottom = (int(v) for v in points[-4:])
     if not (0 <= left <= right < width and 0 <= top <= bottom < height):
         raise BadRequest(
             f"{field} mask box [{left}, {top}, {right}, {bottom}] is not inside the {width}x{height} frame"
         )
-    if (runs < 0).any():
+    if (points[:-4] < 0).any():
         raise BadRequest(f"{field}.points of a mask must not hold negative run lengths")
     box_w, box_h = right - left + 1, bottom - top + 1
+    # Checked before the sum, which a few huge runs could otherwise wrap around to the box area.
+    if (points[:-4] > box_w * box_h).any():
+        raise BadRequest(f"{field} mask has a run longer than its box of {box_w * box_h} pixels")
+    runs = points[:-4].astype(np.int64)
     if runs.sum() != box_w * box_h:
         raise BadRequest(
             f"{field} mask runs add up to {int(runs.sum())}, but its box holds {box_w * box_h} pixels"
@@ -139,8 +148,9 @@ def _mask_to_polygon(mask: np.ndarray, *, tolerance: float) -> list[float]:
     largest = max(contours, key=lambda c: (cv2.contourArea(c), len(c)))
     ring = cv2.approxPolyDP(largest, tolerance, True).reshape(-1, 2)
     if len(ring) < 3:
-        # A part one or two pixels thin simplifies to a line; send its bounding box instead.
+        # A part one or two pixels thin simplifies to a line; send its bounding box instead, with
+        # corners as pixel indices like the contour's, so the ring decodes back to those pixels.
         x, y, w, h = cv2.boundingRect(largest)
-        ring = np.array([[x, y], [x + w, y], [x + w, y + h], [x, y + h]])
+        ring = np.array([[x, y], [x + w - 1, y], [x + w - 1, y + h - 1], [x, y + h - 1]])
     return [float(v) for v in ring.ravel()]
 

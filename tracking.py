@@ -20,7 +20,7 @@ import hashlib
 import secrets
 from typing import Optional
 
-from errors import BadRequest, StateConflict
+from errors import BadRequest, StateConflict, StateNotFound
 from model_handler import FrameMemory, Sam2Tracker
 from shapes import Prompt, decode_shape, encode_shape
 from state_codec import MemoryCodec, decode_header, decode_output, encode_header, encode_output
@@ -104,8 +104,11 @@ class TrackingService:
         names = ["hdr", "cond", f"s:{ref.t}", f"s:{new}", f"o:{new}"]
         names += [f"p:{t}" for t in range(max(1, new - self.tracker.pointer_frames), new)]
         names += [f"m:{t}" for t in range(max(1, new - self.tracker.memory_frames), new)]
-        fields = self.store.read(ref.id, names)
-        header = decode_header(fields["hdr"], fingerprint=self.tracker.fingerprint) if "hdr" in fields else None
+        try:
+            fields = self.store.read(ref.id, names)
+            header = decode_header(fields["hdr"], fingerprint=self.tracker.fingerprint) if "hdr" in fields else None
+        except (StateNotFound, StateConflict) as e:  # unknown, expired or another model's: name the object
+            raise type(e)(f"states[{index}]: {e}") from None
         if header is None or "cond" not in fields:
             raise StateConflict(f"states[{index}] is incomplete in the store; re-initialize the object")
         if (header["width"], header["height"]) != (width, height):
