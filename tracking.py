@@ -54,7 +54,8 @@ class _Pending:
     prompt: Optional[Prompt] = None  # set for a new object
     ref: Optional[StateRef] = None  # set for a continued object
     shape_type: str = ""
-    fields: Optional[dict] = None  # the stored fields read for this step
+    prompt_memory: Optional[FrameMemory] = None  # the prompt frame's memory, decoded
+    recent: Optional[dict] = None  # frame index -> FrameMemory, decoded (see Sam2Tracker.window)
     replay: Optional[dict] = None  # the response already committed for this exact request
 
 
@@ -102,8 +103,8 @@ class TrackingService:
         ref = obj.state
         new = ref.t + 1
         names = ["hdr", "cond", f"s:{ref.t}", f"s:{new}", f"o:{new}"]
-        names += [f"p:{t}" for t in range(max(1, new - self.tracker.pointer_frames), new)]
-        names += [f"m:{t}" for t in range(max(1, new - self.tracker.memory_frames), new)]
+        pointer_frames, memory_frames = self.tracker.window(new)
+        names += [f"p:{t}" for t in pointer_frames] + [f"m:{t}" for t in memory_frames]
         try:
             fields = self.store.read(ref.id, names)
             header = decode_header(fields["hdr"], fingerprint=self.tracker.fingerprint) if "hdr" in fields else None
@@ -127,7 +128,19 @@ class TrackingService:
                 )
             replay = {"shape": decode_output(fields[f"o:{new}"]), "ref": StateRef(id=ref.id, t=new, tok=new_tok)}
             return _Pending(ref=ref, shape_type=header["type"], replay=replay)
-        return _Pending(ref=ref, shape_type=header["type"], fields=fields)
+        # Decode now, so a corrupt stored frame fails the request before any object advances.
+        recent = {}
+        for t in pointer_frames:
+            if f"p:{t}" not in fields or (t in memory_frames and f"m:{t}" not in fields):
+                raise StateConflict(f"states[{index}] lost frame {t} in the store; re-initialize the object")
+            mem = fields.get(f"m:{t}")
+            recent[t] = FrameMemory(
+                maskmem=None if mem is None else self.codec.decode_maskmem(mem),
+                obj_ptr=self.codec.decode_pointer(fields[f"p:{t}"]),
+            )
+        return _Pending(
+            ref=ref, shape_type=header["type"], prompt_memory=self.codec.decode_prompt(fields["cond"]), recent=recent
+        )
 
     def _start(self, item: _Pending, frame) -> tuple[Optional[dict], StateRef]:
         prompt = item.prompt
@@ -152,21 +165,8 @@ class TrackingService:
         return shape, ref
 
     def _advance(self, item: _Pending, frame, frame_digest: bytes) -> tuple[Optional[dict], StateRef]:
-        ref, fields = item.ref, item.fields
-        new = ref.t + 1
-        recent = {}
-        for t in range(max(1, new - self.tracker.pointer_frames), new):
-            if f"p:{t}" not in fields:
-                raise StateConflict(f"tracking state {ref.id} lost frame {t}; re-initialize the object")
-            mem = fields.get(f"m:{t}")
-            recent[t] = FrameMemory(
-                maskmem=None if mem is None else self.codec.decode_maskmem(mem),
-                obj_ptr=self.codec.decode_pointer(fields[f"p:{t}"]),
-            )
-        for t in range(max(1, new - self.tracker.memory_frames), new):
-            if recent[t].maskmem is None:
-                raise StateConflict(f"tracking state {ref.id} lost frame {t}; re-initialize the object")
-        step = self.tracker.track(frame, index=new, prompt=self.codec.decode_prompt(fields["cond"]), recent=recent)
+        ref, new = item.ref, item.ref.t + 1
+        step = self.tracker.track(frame, index=new, prompt=item.prompt_memory, recent=item.recent)
         shape = encode_shape(step.mask, item.shape_type, tolerance=self.polygon_tolerance)
         new_ref = StateRef(id=ref.id, t=new, tok=_next_token(ref.tok, frame_digest))
         # Drop what no later frame reads: the oldest memory and pointer, and the previous answer.
