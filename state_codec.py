@@ -17,7 +17,7 @@ from model_handler import FrameMemory
 
 FORMAT_VERSION = 1
 
-_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
+_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 _DTYPE_NAMES = {v: k for k, v in _DTYPES.items()}
 
 
@@ -66,20 +66,29 @@ def decode_header(data: bytes, *, fingerprint: str) -> dict:
 def _encode_tensor(tensor: torch.Tensor) -> dict:
     tensor = tensor.detach().contiguous().cpu()
     # numpy has no bfloat16, so the bytes are taken through a same-size integer view.
-    raw = tensor.view(torch.int16) if tensor.dtype in (torch.bfloat16, torch.float16) else tensor
+    raw = tensor.view(torch.int16) if tensor.dtype == torch.bfloat16 else tensor
     return {"dtype": _DTYPE_NAMES[tensor.dtype], "shape": list(tensor.shape), "data": raw.numpy().tobytes()}
 
 
-def _decode_tensor(value: Any, *, shape: tuple[int, ...], what: str) -> torch.Tensor:
-    if not isinstance(value, dict) or value.get("dtype") not in _DTYPES:
-        raise StateCorrupt(f"stored {what} is not a tensor of a known dtype; re-initialize the object")
-    dtype = _DTYPES[value["dtype"]]
+def _decode_tensor(value: Any, *, shape: tuple[int, ...], dtypes: tuple[torch.dtype, ...], what: str) -> torch.Tensor:
+    """Build a tensor only from bytes whose dtype, shape and length are all as expected."""
+    dtype = _DTYPES.get(value.get("dtype")) if isinstance(value, dict) else None
+    if dtype not in dtypes:
+        names = ", ".join(_DTYPE_NAMES[d] for d in dtypes)
+        raise StateCorrupt(f"stored {what} is not a tensor of dtype {names}; re-initialize the object")
     data = value.get("data")
     if value.get("shape") != list(shape) or not isinstance(data, bytes):
         raise StateCorrupt(f"stored {what} does not have the shape {list(shape)}; re-initialize the object")
-    if len(data) != math.prod(shape) * dtype.itemsize:
-        raise StateCorrupt(f"stored {what} has {len(data)} bytes, expected {math.prod(shape) * dtype.itemsize}")
+    expected = math.prod(shape) * dtype.itemsize
+    if len(data) != expected:
+        raise StateCorrupt(f"stored {what} has {len(data)} bytes, expected {expected}; re-initialize the object")
     return torch.frombuffer(bytearray(data), dtype=dtype).reshape(shape)
+
+
+# Memories are always stored as bfloat16, as the official predictor keeps them. Pointers keep the
+# model's output dtype: float32, or bfloat16 under CUDA autocast.
+_MEM_DTYPES = (torch.bfloat16,)
+_PTR_DTYPES = (torch.float32, torch.bfloat16)
 
 
 class MemoryCodec:
@@ -104,18 +113,18 @@ class MemoryCodec:
         return _pack({"mem": _encode_tensor(memory.maskmem), "ptr": _encode_tensor(memory.obj_ptr)})
 
     def decode_maskmem(self, data: bytes) -> torch.Tensor:
-        return _decode_tensor(_unpack(data, "memory"), shape=self.mem_shape, what="memory")
+        return _decode_tensor(_unpack(data, "memory"), shape=self.mem_shape, dtypes=_MEM_DTYPES, what="memory")
 
     def decode_pointer(self, data: bytes) -> torch.Tensor:
-        return _decode_tensor(_unpack(data, "object pointer"), shape=self.ptr_shape, what="object pointer")
+        return _decode_tensor(_unpack(data, "object pointer"), shape=self.ptr_shape, dtypes=_PTR_DTYPES, what="object pointer")
 
     def decode_prompt(self, data: bytes) -> FrameMemory:
         value = _unpack(data, "prompt memory")
         if not isinstance(value, dict):
             raise StateCorrupt("stored prompt memory is malformed; re-initialize the object")
         return FrameMemory(
-            maskmem=_decode_tensor(value.get("mem"), shape=self.mem_shape, what="prompt memory"),
-            obj_ptr=_decode_tensor(value.get("ptr"), shape=self.ptr_shape, what="prompt pointer"),
+            maskmem=_decode_tensor(value.get("mem"), shape=self.mem_shape, dtypes=_MEM_DTYPES, what="prompt memory"),
+            obj_ptr=_decode_tensor(value.get("ptr"), shape=self.ptr_shape, dtypes=_PTR_DTYPES, what="prompt pointer"),
         )
 
 

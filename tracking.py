@@ -130,17 +130,19 @@ class TrackingService:
             return _Pending(ref=ref, shape_type=header["type"], replay=replay)
         # Decode now, so a corrupt stored frame fails the request before any object advances.
         recent = {}
-        for t in pointer_frames:
-            if f"p:{t}" not in fields or (t in memory_frames and f"m:{t}" not in fields):
-                raise StateConflict(f"states[{index}] lost frame {t} in the store; re-initialize the object")
-            mem = fields.get(f"m:{t}")
-            recent[t] = FrameMemory(
-                maskmem=None if mem is None else self.codec.decode_maskmem(mem),
-                obj_ptr=self.codec.decode_pointer(fields[f"p:{t}"]),
-            )
-        return _Pending(
-            ref=ref, shape_type=header["type"], prompt_memory=self.codec.decode_prompt(fields["cond"]), recent=recent
-        )
+        try:
+            for t in pointer_frames:
+                if f"p:{t}" not in fields or (t in memory_frames and f"m:{t}" not in fields):
+                    raise StateConflict(f"lost frame {t} in the store; re-initialize the object")
+                mem = fields.get(f"m:{t}")
+                recent[t] = FrameMemory(
+                    maskmem=None if mem is None else self.codec.decode_maskmem(mem),
+                    obj_ptr=self.codec.decode_pointer(fields[f"p:{t}"]),
+                )
+            prompt_memory = self.codec.decode_prompt(fields["cond"])
+        except (StateNotFound, StateConflict) as e:
+            raise type(e)(f"states[{index}]: {e}") from None
+        return _Pending(ref=ref, shape_type=header["type"], prompt_memory=prompt_memory, recent=recent)
 
     def _start(self, item: _Pending, frame) -> tuple[Optional[dict], StateRef]:
         prompt = item.prompt

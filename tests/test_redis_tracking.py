@@ -130,6 +130,7 @@ CORRUPTIONS = {
     "truncated prompt memory": ("cond", lambda b: b[:-1], 410, "unreadable"),
     "memory of another shape": ("m:1", lambda b: tensor("bfloat16", [1, 64, 8, 8], 8192), 410, "shape"),
     "memory shorter than its shape": ("m:1", lambda b: tensor("bfloat16", [1, 64, 16, 16], 100), 410, "bytes"),
+    "float32 memory of the right shape": ("m:1", lambda b: tensor("float32", [1, 64, 16, 16], 65536), 410, "bfloat16"),
     "pointer of an unknown dtype": ("p:2", lambda b: tensor("int64", [1, 256], 2048), 410, "dtype"),
     "bin length past the end": ("p:1", lambda b: b"\xc6\x7f\xff\xff\xff", 410, "unreadable"),
     "garbage header": ("hdr", lambda b: b"\xc1", 410, "unreadable"),
