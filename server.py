@@ -31,13 +31,14 @@ def make_context(level: int = logging.INFO) -> nuclio_sdk.Context:
 def make_event(*, body: bytes, content_type: str, method: str, path: str, headers: dict) -> nuclio_sdk.Event:
     # Nuclio's wrapper decodes the body only for exactly "application/json"; otherwise the
     # handler gets bytes (REFERENCE §3). Undecodable JSON is passed on as bytes for a clear 400.
+    size = len(body)
     if content_type == "application/json" and body:
         try:
             body = json.loads(body)
         except ValueError:
             pass
     return nuclio_sdk.Event(
-        body=body, content_type=content_type, method=method, path=path, headers=headers, size=len(body)
+        body=body, content_type=content_type, method=method, path=path, headers=headers, size=size
     )
 
 
