@@ -54,7 +54,7 @@ def handler(context, event):
         return _respond(context, 200, body)
     except TrackerError as e:
         if e.status >= 500:
-            context.logger.warn_with("state store unavailable", error=str(e))
+            context.logger.warn_with("request failed on the server side", error=f"{type(e).__name__}: {e}")
         return _respond(context, e.status, {"error": str(e)})
     except Exception as e:  # a bug: answer 500 with JSON, never Nuclio's plain-text traceback
         context.logger.error_with("unhandled error", error=repr(e), traceback=traceback.format_exc())

@@ -205,9 +205,11 @@ class Sam2Tracker:
         `memory_frames` masks and the last `pointer_frames` pointers from it.
         """
         entry = lambda m: {  # noqa: E731 - the shape track_step reads from output_dict
+            # Memories may come from a store on the CPU; the predictor keeps pointers on the model's
+            # device (track_step moves memories itself, but stacks pointers as they are).
             "maskmem_features": m.maskmem,
             "maskmem_pos_enc": self._maskmem_pos_enc,
-            "obj_ptr": m.obj_ptr,
+            "obj_ptr": m.obj_ptr.to(self.device),
         }
         output_dict = {
             "cond_frame_outputs": {0: entry(prompt)},

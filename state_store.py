@@ -61,43 +61,64 @@ class StateStore(abc.ABC):
 
 
 class EmbeddedStore(StateStore):
-    """Sessions in this process's memory; lost on restart, not shared between replicas."""
+    """Sessions in this process's memory; lost on restart, not shared between replicas.
 
-    def __init__(self, *, ttl_s: float, clock=time.monotonic):
+    Bounded twice: a session expires `ttl_s` after its last use, and when the sessions together
+    hold more than `max_bytes`, the least recently used ones are dropped (their objects answer
+    410, re-initialize). Sessions are kept in order of last use, which is also the order in
+    which they expire, so both bounds only ever drop from the front.
+    """
+
+    def __init__(self, *, ttl_s: float, max_bytes: int, clock=time.monotonic):
         self._ttl_s = ttl_s
+        self._max_bytes = max_bytes
         self._clock = clock
         self._lock = threading.Lock()
-        self._sessions: dict[str, tuple[float, dict[str, bytes]]] = {}  # id -> (expiry, fields)
-        self._next_sweep = 0.0
+        # id -> (expiry, fields); least recently used first
+        self._sessions: collections.OrderedDict[str, tuple[float, dict[str, bytes]]] = collections.OrderedDict()
+        self._bytes = 0
 
-    def _live(self, session: str, now: float) -> dict[str, bytes]:
-        entry = self._sessions.get(session)
-        if entry is None or entry[0] <= now:
-            self._sessions.pop(session, None)
+    @staticmethod
+    def _size(fields: Mapping[str, bytes]) -> int:
+        return sum(len(k) + len(v) for k, v in fields.items())
+
+    def _live(self, session: str) -> dict[str, bytes]:
+        now = self._clock()
+        while self._sessions:  # drop the expired ones, oldest first
+            oldest, (expiry, fields) = next(iter(self._sessions.items()))
+            if expiry > now:
+                break
+            self._drop(oldest)
+        if session not in self._sessions:
             raise StateNotFound(f"tracking state {session} is unknown or has expired; re-initialize the object")
-        self._sessions[session] = (now + self._ttl_s, entry[1])
-        return entry[1]
+        fields = self._sessions[session][1]
+        self._sessions[session] = (now + self._ttl_s, fields)
+        self._sessions.move_to_end(session)
+        return fields
 
-    def _sweep(self, now: float) -> None:
-        # Expired sessions are dropped at most once a minute, so memory stays bounded by the TTL.
-        if now >= self._next_sweep:
-            self._sessions = {k: v for k, v in self._sessions.items() if v[0] > now}
-            self._next_sweep = now + 60
+    def _drop(self, session: str) -> None:
+        _, fields = self._sessions.pop(session)
+        self._bytes -= self._size(fields)
+
+    def _shrink(self, keep: str) -> None:
+        while self._bytes > self._max_bytes and next(iter(self._sessions)) != keep:
+            self._drop(next(iter(self._sessions)))
 
     def create(self, session, fields):
         with self._lock:
-            now = self._clock()
-            self._sweep(now)
-            self._sessions[session] = (now + self._ttl_s, dict(fields))
+            self._sessions[session] = (self._clock() + self._ttl_s, dict(fields))
+            self._bytes += self._size(fields)
+            self._live(session)  # sweeps the expired ones
+            self._shrink(keep=session)
 
     def read(self, session, names):
         with self._lock:
-            fields = self._live(session, self._clock())
+            fields = self._live(session)
             return {name: fields[name] for name in names if name in fields}
 
     def commit(self, session, *, guard, put, delete=()):
         with self._lock:
-            fields = self._live(session, self._clock())
+            fields = self._live(session)
             name, value = guard
             if name in fields:
                 if fields[name] == value:
@@ -105,10 +126,13 @@ class EmbeddedStore(StateStore):
                 raise StateConflict(
                     f"tracking state {session} was already advanced by another request; re-initialize the object"
                 )
+            before = self._size(fields)
             fields[name] = value
             fields.update(put)
             for victim in delete:
                 fields.pop(victim, None)
+            self._bytes += self._size(fields) - before
+            self._shrink(keep=session)
             return True
 
 
@@ -361,4 +385,4 @@ def make_store(settings) -> StateStore:
     """The Redis store when CVAT_FUNCTIONS_REDIS_HOST is set, else the embedded one."""
     if settings.redis_host:
         return RedisStore.from_settings(settings)
-    return EmbeddedStore(ttl_s=settings.state_ttl_s)
+    return EmbeddedStore(ttl_s=settings.state_ttl_s, max_bytes=settings.cache_bytes)

@@ -15,20 +15,20 @@ class Clock:
 
 
 def test_read_returns_only_existing_fields():
-    store = EmbeddedStore(ttl_s=10)
+    store = EmbeddedStore(ttl_s=10, max_bytes=2**20)
     store.create("a", {"x": b"1"})
     assert store.read("a", ["x", "y"]) == {"x": b"1"}
 
 
 def test_commit_writes_puts_and_deletes_atomically():
-    store = EmbeddedStore(ttl_s=10)
+    store = EmbeddedStore(ttl_s=10, max_bytes=2**20)
     store.create("a", {"x": b"1", "old": b"0"})
     assert store.commit("a", guard=("g", b"t1"), put={"y": b"2"}, delete=["old"]) is True
     assert store.read("a", ["x", "y", "g", "old"]) == {"x": b"1", "y": b"2", "g": b"t1"}
 
 
 def test_commit_with_the_same_guard_is_a_no_op_and_another_guard_conflicts():
-    store = EmbeddedStore(ttl_s=10)
+    store = EmbeddedStore(ttl_s=10, max_bytes=2**20)
     store.create("a", {})
     store.commit("a", guard=("g", b"t1"), put={"y": b"2"})
     assert store.commit("a", guard=("g", b"t1"), put={"y": b"other"}) is False
@@ -39,7 +39,7 @@ def test_commit_with_the_same_guard_is_a_no_op_and_another_guard_conflicts():
 
 def test_sessions_expire_unless_used():
     clock = Clock()
-    store = EmbeddedStore(ttl_s=10, clock=clock)
+    store = EmbeddedStore(ttl_s=10, max_bytes=2**20, clock=clock)
     store.create("a", {"x": b"1"})
     store.create("b", {"x": b"1"})
     clock.now = 8
@@ -50,3 +50,16 @@ def test_sessions_expire_unless_used():
         store.read("b", ["x"])
     with pytest.raises(StateNotFound):
         store.commit("b", guard=("g", b"t"), put={})
+
+
+def test_least_recently_used_sessions_are_dropped_past_the_byte_bound():
+    store = EmbeddedStore(ttl_s=10, max_bytes=2500)
+    for session in "abc":
+        store.create(session, {"x": bytes(1000)})  # c pushes the total past the bound
+    with pytest.raises(StateNotFound):
+        store.read("a", ["x"])
+    store.read("b", ["x"])  # b is now the most recently used
+    store.create("d", {"x": bytes(1000)})
+    with pytest.raises(StateNotFound):
+        store.read("c", ["x"])
+    assert store.read("b", ["x"]) and store.read("d", ["x"])

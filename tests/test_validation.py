@@ -422,7 +422,7 @@ def test_state_made_by_another_model_is_refused(function, tmp_path):
 def test_expired_state_is_refused(function, monkeypatch):
     now = [1000.0]
     service = function.context.user_data.service
-    store = EmbeddedStore(ttl_s=60, clock=lambda: now[0])
+    store = EmbeddedStore(ttl_s=60, max_bytes=2**30, clock=lambda: now[0])
     monkeypatch.setattr(
         function.context.user_data, "service", TrackingService(service.tracker, store, polygon_tolerance=1.0)
     )
