@@ -102,7 +102,8 @@ class Sam2Tracker:
         width, height = image.size
         size = self.image_size
         # PIL's default resampling and the float64 division are what load_video_frames does.
-        pixels = np.array(image.convert("RGB").resize((size, size))) / 255.0
+        rgb = image if image.mode == "RGB" else image.convert("RGB")  # protocol.py already converts
+        pixels = np.array(rgb.resize((size, size))) / 255.0
         img = torch.from_numpy(pixels).permute(2, 0, 1).to(torch.float32).to(self.device)
         img -= self._mean
         img /= self._std

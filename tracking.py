@@ -56,7 +56,8 @@ class _Pending:
     shape_type: str = ""
     prompt_memory: Optional[FrameMemory] = None  # the prompt frame's memory, decoded
     recent: Optional[dict] = None  # frame index -> FrameMemory, decoded (see Sam2Tracker.window)
-    replay: Optional[dict] = None  # the response already committed for this exact request
+    next_ref: Optional[StateRef] = None  # set for a continued object: the state it answers with
+    replay: Optional[dict] = None  # {"shape": ...} already committed for this exact request
 
 
 def _next_token(tok: str, frame_digest: bytes) -> str:
@@ -85,13 +86,13 @@ class TrackingService:
         shapes, states = [], []
         for item in pending:
             if item.replay is not None:
-                shape, ref = item.replay["shape"], item.replay["ref"]
+                shape, ref = item.replay["shape"], item.next_ref
             else:
                 frame = frame or self.tracker.preprocess(image)  # once per request, if needed
                 if item.prompt is not None:
                     shape, ref = self._start(item, frame)
                 else:
-                    shape, ref = self._advance(item, frame, frame_digest)
+                    shape, ref = self._advance(item, frame)
             shapes.append(shape)
             states.append(ref.to_json())
         return {"shapes": shapes, "states": states}
@@ -119,15 +120,15 @@ class TrackingService:
             )
         if fields.get(f"s:{ref.t}") != ref.tok.encode():
             raise StateConflict(f"states[{index}] does not match the stored tracking state; re-initialize the object")
-        new_tok = _next_token(ref.tok, frame_digest)
+        next_ref = StateRef(id=ref.id, t=new, tok=_next_token(ref.tok, frame_digest))
         stored_next = fields.get(f"s:{new}")
         if stored_next is not None:
-            if stored_next != new_tok.encode() or f"o:{new}" not in fields:
+            if stored_next != next_ref.tok.encode() or f"o:{new}" not in fields:
                 raise StateConflict(
                     f"states[{index}] was already advanced by another request; re-initialize the object"
                 )
-            replay = {"shape": decode_output(fields[f"o:{new}"]), "ref": StateRef(id=ref.id, t=new, tok=new_tok)}
-            return _Pending(ref=ref, shape_type=header["type"], replay=replay)
+            replay = {"shape": decode_output(fields[f"o:{new}"])}
+            return _Pending(ref=ref, next_ref=next_ref, shape_type=header["type"], replay=replay)
         # Decode now, so a corrupt stored frame fails the request before any object advances.
         recent = {}
         try:
@@ -142,7 +143,9 @@ class TrackingService:
             prompt_memory = self.codec.decode_prompt(fields["cond"])
         except (StateNotFound, StateConflict) as e:
             raise type(e)(f"states[{index}]: {e}") from None
-        return _Pending(ref=ref, shape_type=header["type"], prompt_memory=prompt_memory, recent=recent)
+        return _Pending(
+            ref=ref, next_ref=next_ref, shape_type=header["type"], prompt_memory=prompt_memory, recent=recent
+        )
 
     def _start(self, item: _Pending, frame) -> tuple[Optional[dict], StateRef]:
         prompt = item.prompt
@@ -166,11 +169,11 @@ class TrackingService:
         )
         return shape, ref
 
-    def _advance(self, item: _Pending, frame, frame_digest: bytes) -> tuple[Optional[dict], StateRef]:
-        ref, new = item.ref, item.ref.t + 1
+    def _advance(self, item: _Pending, frame) -> tuple[Optional[dict], StateRef]:
+        ref, new_ref = item.ref, item.next_ref
+        new = new_ref.t
         step = self.tracker.track(frame, index=new, prompt=item.prompt_memory, recent=item.recent)
         shape = encode_shape(step.mask, item.shape_type, tolerance=self.polygon_tolerance)
-        new_ref = StateRef(id=ref.id, t=new, tok=_next_token(ref.tok, frame_digest))
         # Drop what no later frame reads: the oldest memory and pointer, and the previous answer.
         stale = [f"o:{ref.t}", f"m:{new - self.tracker.memory_frames}"]
         oldest_ptr = new - self.tracker.pointer_frames
