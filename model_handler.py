@@ -104,7 +104,9 @@ class Sam2Tracker:
         # PIL's default resampling and the float64 division are what load_video_frames does.
         rgb = image if image.mode == "RGB" else image.convert("RGB")  # protocol.py already converts
         pixels = np.array(rgb.resize((size, size))) / 255.0
-        img = torch.from_numpy(pixels).permute(2, 0, 1).to(torch.float32).to(self.device)
+        # contiguous NCHW, as the official loader's tensor is: a permuted HWC array is
+        # channels-last, and on CUDA cuDNN may then pick another convolution kernel.
+        img = torch.from_numpy(pixels).permute(2, 0, 1).to(torch.float32).contiguous().to(self.device)
         img -= self._mean
         img /= self._std
         with self._inference():
@@ -304,9 +306,7 @@ def load_tracker(settings: Settings) -> Sam2Tracker:
     from sam2.build_sam import build_sam2_video_predictor
 
     config, checkpoint = resolve_weights(settings)
-    device = settings.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ModelLoadError(f"SAM2_DEVICE={device!r} but no CUDA device is available")
+    device = select_device(settings.device)
     log.info("loading SAM2 %s from %s on %s", config, checkpoint, device)
     try:
         model = build_sam2_video_predictor(
@@ -321,7 +321,34 @@ def load_tracker(settings: Settings) -> Sam2Tracker:
             f"with overrides {list(settings.config_overrides)} ({type(e).__name__}: {e}). "
             "Check SAM2_MODEL_ID, SAM2_CONFIG, SAM2_CHECKPOINT and SAM2_CONFIG_OVERRIDES."
         ) from e
-    fingerprint = hashlib.sha256(
-        "\n".join([config, *settings.config_overrides, _file_digest(checkpoint)]).encode()
-    ).hexdigest()[:16]
+    fingerprint = model_fingerprint(config, settings.config_overrides, _file_digest(checkpoint), device)
     return Sam2Tracker(model, fingerprint=fingerprint)
+
+
+def model_fingerprint(config: str, overrides: Sequence[str], weights_digest: str, device: torch.device) -> str:
+    """What a stored state must have been made with: config, overrides, weights, and the numerics.
+
+    Memories made on another device type or precision (fp32 on the CPU, bf16 autocast on CUDA)
+    would continue with mixed numerics and match neither official run, so they count too.
+    """
+    precision = "bf16-autocast" if device.type == "cuda" else "fp32"
+    parts = [config, *overrides, weights_digest, device.type, precision]
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
+
+
+def select_device(name: Optional[str]) -> torch.device:
+    """The torch device for SAM2_DEVICE (None: cuda when available), made current on CUDA.
+
+    sam2's hole-filling kernel launches on the current CUDA device's stream without a device
+    guard, so on cuda:N with N > 0 the current device must be N, or it reads another GPU's memory.
+    """
+    device = torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ModelLoadError(f"SAM2_DEVICE={name!r} but no CUDA device is available")
+        index = device.index or 0
+        if index >= torch.cuda.device_count():
+            raise ModelLoadError(f"SAM2_DEVICE={name!r} but only {torch.cuda.device_count()} CUDA device(s) are visible")
+        device = torch.device("cuda", index)
+        torch.cuda.set_device(device)
+    return device

@@ -39,7 +39,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [os.path.dirname(HERE), os.path.join(os.path.dirname(HERE), "tests")]
 
 from config import Settings  # noqa: E402
-from conftest import Function, first_masks, make_checkpoint, make_frames, model_env  # noqa: E402
+from support import Function, first_masks, make_checkpoint, make_frames, model_env  # noqa: E402
 from cvat_sdk.masks import encode_mask  # noqa: E402
 from model_handler import Frame  # noqa: E402
 from redis_server import RedisServer  # noqa: E402

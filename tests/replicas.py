@@ -17,7 +17,7 @@ import urllib.request
 
 import nuclio_sdk
 
-from conftest import ROOT, Function
+from support import ROOT, Function
 from redis_server import free_port
 from state_store import make_store
 from tracking import TrackingService

@@ -18,10 +18,10 @@ import pytest
 from cvat_sdk.masks import decode_mask, encode_mask
 
 import cvat_agent_function
-from conftest import CONFIG, FIRST_BOXES, FRAME_H, FRAME_W, OVERRIDES, ROOT, first_masks, make_checkpoint, make_frames
+from support import CONFIG, FIRST_BOXES, FRAME_H, FRAME_W, OVERRIDES, ROOT, first_masks, make_checkpoint, make_frames
 from errors import BadRequest
 from model_handler import Frame
-from oracle import official_masks
+from support import official_masks
 
 FRAMES = 20
 FUNCTION_FILE = Path(ROOT) / "cvat_agent_function.py"

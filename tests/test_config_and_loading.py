@@ -55,7 +55,7 @@ def test_config_without_checkpoint_is_refused():
 
 
 def test_same_weights_give_the_same_fingerprint_and_other_weights_another(settings, tracker, tmp_path):
-    from conftest import make_checkpoint
+    from support import make_checkpoint
 
     other = str(tmp_path / "other.pt")
     make_checkpoint(other, seed=1)

@@ -26,7 +26,7 @@ from cvat_sdk.masks import encode_mask
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from conftest import FIRST_BOXES, first_masks, make_frames
+from support import FIRST_BOXES, first_masks, make_frames
 from config import Settings
 from errors import TrackerError
 from protocol import parse_request

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from cvat_sdk.masks import decode_mask, encode_mask
 
-from conftest import FIRST_BOXES, FRAME_H, FRAME_W, Function, first_masks, make_checkpoint, make_frames, model_env
+from support import FIRST_BOXES, FRAME_H, FRAME_W, Function, first_masks, make_checkpoint, make_frames, model_env
 
 
 @pytest.fixture(scope="module")

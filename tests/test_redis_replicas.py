@@ -8,11 +8,17 @@ import time
 import pytest
 from cvat_sdk.masks import encode_mask
 
-from conftest import first_masks, make_frames, model_env
-from oracle import official_masks
 from redis_server import redis_server  # noqa: F401 - fixture
 from replicas import ReplicaProcess, body
-from test_exactness import FRAMES, assert_same_masks, run_function, shape_to_mask
+from support import (
+    FRAME_H, FRAME_W, answer_mask, assert_same_masks, first_masks, make_frames, model_env, official_masks, run_function,
+)
+
+FRAMES = 20
+
+
+def shape_to_mask(shape):
+    return answer_mask(shape, width=FRAME_W, height=FRAME_H)
 
 
 def mask_shapes(count: int = 2) -> list:

@@ -11,7 +11,7 @@ import msgpack
 import pytest
 from cvat_sdk.masks import encode_mask
 
-from conftest import FIRST_BOXES, Function, first_masks, make_frames
+from support import FIRST_BOXES, Function, first_masks, make_frames
 from redis_server import redis_server  # noqa: F401 - fixture
 from replicas import Replica, body
 from state_codec import encode_header

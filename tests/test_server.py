@@ -13,7 +13,7 @@ import urllib.request
 import pytest
 from cvat_sdk.masks import encode_mask
 
-from conftest import ROOT, first_masks, make_frames, model_env
+from support import ROOT, first_masks, make_frames, model_env
 
 
 def free_port() -> int:

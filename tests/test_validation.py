@@ -18,7 +18,7 @@ import pytest
 import yaml
 from cvat_sdk.masks import encode_mask
 
-from conftest import CONFIG, FIRST_BOXES, FRAME_H, FRAME_W, OVERRIDES, ROOT, first_masks, make_checkpoint, make_frames
+from support import CONFIG, FIRST_BOXES, FRAME_H, FRAME_W, OVERRIDES, ROOT, first_masks, make_checkpoint, make_frames
 from config import Settings
 from model_handler import load_tracker
 from protocol import decode_image
