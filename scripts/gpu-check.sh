@@ -56,12 +56,12 @@ fi
 # sam2 with its extension, for this GPU's architecture. SAM2_BUILD_ALLOW_ERRORS=0: a failed
 # extension build fails here instead of installing sam2 without hole filling.
 arch=$("$python" -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())")
-if ! "$python" -c "import sam2._C" 2>/dev/null; then
+if ! "$python" -c "import torch, sam2._C" 2>/dev/null; then
   echo "gpu-check: building sam2 1.1.0 with its CUDA extension for sm_${arch/./} (nvcc: $(command -v nvcc || echo none))"
   TORCH_CUDA_ARCH_LIST="$arch" SAM2_BUILD_CUDA=1 SAM2_BUILD_ALLOW_ERRORS=0 "${pip[@]}" --no-binary sam2 sam2==1.1.0
 fi
 "$python" - <<'EOF'
-import sam2._C, torch
+import torch, sam2._C
 print(f"gpu-check: {torch.cuda.get_device_name()}, torch {torch.__version__} (CUDA {torch.version.cuda}), "
       f"sam2 extension {sam2._C.__file__}")
 EOF
