@@ -23,13 +23,38 @@ from errors import BadRequest
 SHAPE_TYPES = ("mask", "polygon", "rectangle")
 
 
+# Polygon vertices beyond this distance from the frame are refused: they are no annotation, and
+# OpenCV's fill works on 32-bit integer coordinates.
+MAX_POLYGON_REACH = 1 << 20
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Prompt:
-    """A decoded input shape: a mask for masks and polygons, a box for rectangles."""
+    """A validated input shape. Rectangles keep their box; masks and polygons keep their compact
+    form and are turned into pixels only when the object is started (`mask`), one object at a
+    time, so a request's prompts never all hold full-frame arrays at once."""
 
     type: str  # the CVAT shape type, also the type of every output shape for this object
-    mask: Optional[np.ndarray] = None  # [height, width] bool
-    box: Optional[tuple[float, float, float, float]] = None  # x1 < x2, y1 < y2, inside the frame
+    width: int
+    height: int
+    box: Optional[tuple[float, float, float, float]] = None  # rectangle: x1 < x2, y1 < y2, in the frame
+    polygon: Optional[np.ndarray] = None  # polygon: [N, 2] int32 vertices, possibly outside the frame
+    runs: Optional[np.ndarray] = None  # mask: run lengths over `mask_box`, starting with background
+    mask_box: Optional[tuple[int, int, int, int]] = None  # mask: left, top, right, bottom (inclusive)
+
+    @property
+    def mask(self) -> Optional[np.ndarray]:
+        """The prompt's pixels as a [height, width] bool array (None for a rectangle)."""
+        if self.polygon is not None:
+            return _fill_polygon(self.polygon, left=0, top=0, width=self.width, height=self.height)
+        if self.runs is None:
+            return None
+        left, top, right, bottom = self.mask_box
+        values = np.zeros(self.runs.size, dtype=bool)
+        values[1::2] = True  # runs alternate, starting with background
+        mask = np.zeros((self.height, self.width), dtype=bool)
+        mask[top : bottom + 1, left : right + 1] = np.repeat(values, self.runs).reshape(bottom - top + 1, right - left + 1)
+        return mask
 
 
 def _numbers(points: Any, field: str) -> np.ndarray:
@@ -56,11 +81,13 @@ def decode_shape(shape: Any, *, width: int, height: int, field: str) -> Prompt:
     if kind not in SHAPE_TYPES:
         raise BadRequest(f"{field}.type must be one of {', '.join(SHAPE_TYPES)}, got {reprlib.repr(kind)}")
     points = _numbers(shape.get("points"), field)
+    size = {"type": kind, "width": width, "height": height}
     if kind == "rectangle":
-        return Prompt(type=kind, box=_decode_rectangle(points, width=width, height=height, field=field))
+        return Prompt(**size, box=_decode_rectangle(points, width=width, height=height, field=field))
     if kind == "polygon":
-        return Prompt(type=kind, mask=_decode_polygon(points, width=width, height=height, field=field))
-    return Prompt(type=kind, mask=decode_mask(points, width=width, height=height, field=field))
+        return Prompt(**size, polygon=_decode_polygon(points, width=width, height=height, field=field))
+    runs, box = _decode_mask(points, width=width, height=height, field=field)
+    return Prompt(**size, runs=runs, mask_box=box)
 
 
 def _decode_rectangle(points: np.ndarray, *, width: int, height: int, field: str):
@@ -74,22 +101,37 @@ def _decode_rectangle(points: np.ndarray, *, width: int, height: int, field: str
 
 
 def _decode_polygon(points: np.ndarray, *, width: int, height: int, field: str) -> np.ndarray:
+    """The polygon's vertices, refused if it has no pixel inside the frame.
+
+    The prompt is the polygon filled on an unbounded plane, then cropped to the frame: vertices
+    past the frame's edge (annotators often drag them there) are not moved, since moving them
+    would change the polygon's shape. OpenCV's fill clips to its canvas exactly like that.
+    """
     if points.size % 2 or points.size < 6:
         raise BadRequest(f"{field}.points of a polygon must hold at least 3 (x, y) pairs")
-    xy = points.reshape(-1, 2)
-    if xy[:, 0].max() < 0 or xy[:, 0].min() > width - 1 or xy[:, 1].max() < 0 or xy[:, 1].min() > height - 1:
-        raise BadRequest(f"{field} is a polygon entirely outside the {width}x{height} frame")
-    # Clip rather than refuse: annotators often drag a vertex past the frame's edge.
-    xy = np.stack([np.clip(xy[:, 0], 0, width - 1), np.clip(xy[:, 1], 0, height - 1)], axis=1)
-    mask = np.zeros((height, width), dtype=np.uint8)
-    cv2.fillPoly(mask, [np.round(xy).astype(np.int32)], 1)
-    if not mask.any():
-        raise BadRequest(f"{field} is an empty polygon")
-    return mask.astype(bool)
+    reach = MAX_POLYGON_REACH
+    if (points < -reach).any() or (points[0::2] > width + reach).any() or (points[1::2] > height + reach).any():
+        raise BadRequest(f"{field} has a polygon vertex more than {reach} pixels outside the frame")
+    xy = np.round(points.reshape(-1, 2)).astype(np.int32)
+    # Rasterise only where the polygon's box meets the frame, to check it covers a pixel there.
+    left, top = max(int(xy[:, 0].min()), 0), max(int(xy[:, 1].min()), 0)
+    right, bottom = min(int(xy[:, 0].max()), width - 1), min(int(xy[:, 1].max()), height - 1)
+    if left > right or top > bottom or not _fill_polygon(
+        xy, left=left, top=top, width=right - left + 1, height=bottom - top + 1
+    ).any():
+        raise BadRequest(f"{field} is a polygon with no pixel inside the {width}x{height} frame (it lies outside)")
+    return xy
 
 
-def decode_mask(points: np.ndarray, *, width: int, height: int, field: str) -> np.ndarray:
-    """CVAT mask RLE to a [height, width] bool array."""
+def _fill_polygon(xy: np.ndarray, *, left: int, top: int, width: int, height: int) -> np.ndarray:
+    """The pixels of the polygon `xy` in the window [left, left + width) x [top, top + height)."""
+    canvas = np.zeros((height, width), dtype=np.uint8)
+    cv2.fillPoly(canvas, [xy - np.array([left, top], dtype=np.int32)], 1)
+    return canvas.astype(bool)
+
+
+def _decode_mask(points: np.ndarray, *, width: int, height: int, field: str):
+    """Validated (run lengths, (left, top, right, bottom)) of a CVAT mask; no pixel is made."""
     if points.size < 5:
         raise BadRequest(f"{field}.points of a mask must be run lengths then left, top, right, bottom")
     if not (points == np.floor(points)).all():
@@ -110,13 +152,9 @@ def decode_mask(points: np.ndarray, *, width: int, height: int, field: str) -> n
         raise BadRequest(
             f"{field} mask runs add up to {int(runs.sum())}, but its box holds {box_w * box_h} pixels"
         )
-    values = np.zeros(runs.size, dtype=bool)
-    values[1::2] = True  # runs alternate, starting with background
-    if not values[runs > 0].any():
+    if not runs[1::2].any():  # the odd runs are the foreground
         raise BadRequest(f"{field} is an empty mask")
-    mask = np.zeros((height, width), dtype=bool)
-    mask[top : bottom + 1, left : right + 1] = np.repeat(values, runs).reshape(box_h, box_w)
-    return mask
+    return runs, (left, top, right, bottom)
 
 
 def encode_shape(mask: np.ndarray, kind: str, *, tolerance: float) -> Optional[dict]:

@@ -53,6 +53,10 @@ class StateStore(abc.ABC):
         it holds another value, and StateNotFound when the session is gone.
         """
 
+    @abc.abstractmethod
+    def delete(self, session: str) -> None:
+        """Remove a session, if it exists."""
+
     def ping(self) -> None:
         """Raise StoreUnavailable if the store cannot be reached."""
 
@@ -110,6 +114,11 @@ class EmbeddedStore(StateStore):
             self._bytes += self._size(fields)
             self._live(session)  # sweeps the expired ones
             self._shrink(keep=session)
+
+    def delete(self, session):
+        with self._lock:
+            if session in self._sessions:
+                self._drop(session)
 
     def read(self, session, names):
         with self._lock:
@@ -356,6 +365,10 @@ class RedisStore(StateStore):
             raise
         finally:
             pool.release(conn)
+
+    def delete(self, session):
+        self._cache.drop(session)
+        self._call(session, lambda: self._client.delete(self._prefix + session))
 
     def ping(self):
         self._call(None, self._client.ping)

@@ -6,27 +6,34 @@ object is tracked on gets the next index. Per session (all fields write-once, se
     hdr       format, model fingerprint, frame size, shape type   (state_codec.encode_header)
     cond      the prompt frame's memory and object pointer
     s:<t>     the token of frame t: a digest of the previous token and frame t's bytes
-    p:<t>     frame t's object pointer          (kept for the last `pointer_frames` frames)
-    m:<t>     frame t's memory                  (kept for the last `memory_frames` frames)
+    p:<t>     frame t's object pointer          (kept while a later frame reads it)
+    m:<t>     frame t's memory                  (kept while a later frame reads it)
     o:<t>     the shape answered for frame t    (kept for the latest frame, to answer retries)
 
 The state CVAT carries is {"v", "id", "t", "tok"}: which session, which frame, and that frame's
 token. Tokens make a step idempotent (the same request gives the same token, so a retry finds
 its answer stored) and let `commit` refuse a different request racing for the same next frame.
+
+A request runs in three phases, so that a failure leaves as little as possible behind:
+1. validate every shape and state reference, without touching the store;
+2. per object: read its state, check it, compute its answer (one object, or one batch of objects
+   with the same window, at a time, so memory stays bounded); nothing is written;
+3. write every object's new frame. If a write fails, the sessions this request created are
+   deleted again; objects already advanced answer a retry of the same request from the store.
 """
 
 import dataclasses
 import hashlib
 import secrets
-from typing import Optional
+from typing import Optional, Union
 
 from errors import BadRequest, StateConflict, StateNotFound
-from model_handler import FrameMemory, Sam2Tracker
+from model_handler import Frame, FrameMemory, Sam2Tracker, Step
 from shapes import Prompt, decode_shape, encode_shape
 from state_codec import MemoryCodec, decode_header, decode_output, encode_header, encode_output
 from state_store import StateStore
 
-STATE_VERSION = 1
+STATE_VERSION = 1  # of the reference CVAT carries; the stored format has its own (state_codec)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -48,16 +55,28 @@ class ObjectRequest:
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class _Pending:
-    """An object validated and loaded, ready to be computed and committed."""
+class _Start:
+    """A new object: its prompt, validated."""
 
-    prompt: Optional[Prompt] = None  # set for a new object
-    ref: Optional[StateRef] = None  # set for a continued object
-    shape_type: str = ""
-    prompt_memory: Optional[FrameMemory] = None  # the prompt frame's memory, decoded
-    recent: Optional[dict] = None  # frame index -> FrameMemory, decoded (see Sam2Tracker.window)
-    next_ref: Optional[StateRef] = None  # set for a continued object: the state it answers with
-    replay: Optional[dict] = None  # {"shape": ...} already committed for this exact request
+    prompt: Prompt
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class _Continue:
+    """A continued object: where it is, and the state it will answer with."""
+
+    ref: StateRef
+    next_ref: StateRef
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class _Answer:
+    """One object's answer, and what phase 3 must write for it (nothing for a replay)."""
+
+    shape: Optional[dict]
+    ref: StateRef
+    create: Optional[dict] = None  # fields of a new session
+    commit: Optional[dict] = None  # keyword arguments of StateStore.commit
 
 
 def _next_token(tok: str, frame_digest: bytes) -> str:
@@ -65,90 +84,59 @@ def _next_token(tok: str, frame_digest: bytes) -> str:
 
 
 class TrackingService:
-    def __init__(self, tracker: Sam2Tracker, store: StateStore, *, polygon_tolerance: float):
+    def __init__(self, tracker: Sam2Tracker, store: StateStore, *, polygon_tolerance: float, object_batch: int = 1):
         self.tracker = tracker
         self.store = store
         self.codec = MemoryCodec.for_tracker(tracker)
         self.polygon_tolerance = polygon_tolerance
+        self.object_batch = object_batch  # objects per model call; 1 is the official predictor's loop
 
     def track(self, *, image, frame_digest: bytes, objects: list[ObjectRequest]) -> dict:
-        """Answer one CVAT request: {"shapes": [...], "states": [...]}, one entry per object.
-
-        Every object is validated and its state loaded before any model work, so an invalid
-        object leaves every other object's state untouched.
-        """
+        """Answer one CVAT request: {"shapes": [...], "states": [...]}, one entry per object."""
         width, height = image.size
-        pending = [
-            self._prepare(obj, index=i, width=width, height=height, frame_digest=frame_digest)
-            for i, obj in enumerate(objects)
-        ]
-        frame = None
-        shapes, states = [], []
-        for item in pending:
-            if item.replay is not None:
-                shape, ref = item.replay["shape"], item.next_ref
-            else:
-                frame = frame or self.tracker.preprocess(image)  # once per request, if needed
-                if item.prompt is not None:
-                    shape, ref = self._start(item, frame)
+        todo = [self._validate(obj, index=i, width=width, height=height, frame_digest=frame_digest)
+                for i, obj in enumerate(objects)]
+        frame = None  # encoded once per request, and only if some object needs the model
+        answers: list[Optional[_Answer]] = [None] * len(todo)
+        for i, item in enumerate(todo):
+            if isinstance(item, _Start):
+                frame = frame or self.tracker.preprocess(image)
+                answers[i] = self._start(item.prompt, frame)
+        for group in self._groups([i for i, item in enumerate(todo) if isinstance(item, _Continue)], todo):
+            pending = []  # (index, what _load read) of the objects that need the model
+            for i in group:
+                loaded = self._load(todo[i], index=i, width=width, height=height)
+                if isinstance(loaded, _Answer):  # a retry of a step already written
+                    answers[i] = loaded
                 else:
-                    shape, ref = self._advance(item, frame)
-            shapes.append(shape)
-            states.append(ref.to_json())
-        return {"shapes": shapes, "states": states}
+                    pending.append((i, loaded))
+            if pending:
+                frame = frame or self.tracker.preprocess(image)
+                computed = self._advance([todo[i] for i, _ in pending], [loaded for _, loaded in pending], frame)
+                for (i, _), answer in zip(pending, computed):
+                    answers[i] = answer
+        self._write(answers)
+        return {"shapes": [a.shape for a in answers], "states": [a.ref.to_json() for a in answers]}
 
-    def _prepare(self, obj: ObjectRequest, *, index: int, width: int, height: int, frame_digest: bytes) -> _Pending:
+    # --- phase 1: validation, no store access -----------------------------------------------
+
+    def _validate(self, obj: ObjectRequest, *, index: int, width: int, height: int, frame_digest: bytes):
         if obj.shape is not None:  # a shape (re)starts the object, whatever state came with it
-            prompt = decode_shape(obj.shape, width=width, height=height, field=f"shapes[{index}]")
-            return _Pending(prompt=prompt, shape_type=prompt.type)
+            return _Start(prompt=decode_shape(obj.shape, width=width, height=height, field=f"shapes[{index}]"))
         ref = obj.state
-        new = ref.t + 1
-        names = ["hdr", "cond", f"s:{ref.t}", f"s:{new}", f"o:{new}"]
-        pointer_frames, memory_frames = self.tracker.window(new)
-        names += [f"p:{t}" for t in pointer_frames] + [f"m:{t}" for t in memory_frames]
-        try:
-            fields = self.store.read(ref.id, names)
-            header = decode_header(fields["hdr"], fingerprint=self.tracker.fingerprint) if "hdr" in fields else None
-        except (StateNotFound, StateConflict) as e:  # unknown, expired or another model's: name the object
-            raise type(e)(f"states[{index}]: {e}") from None
-        if header is None or "cond" not in fields:
-            raise StateConflict(f"states[{index}] is incomplete in the store; re-initialize the object")
-        if (header["width"], header["height"]) != (width, height):
-            raise BadRequest(
-                f"image is {width}x{height}, but states[{index}] was initialised on a "
-                f"{header['width']}x{header['height']} frame; frames of one task must have one size"
-            )
-        if fields.get(f"s:{ref.t}") != ref.tok.encode():
-            raise StateConflict(f"states[{index}] does not match the stored tracking state; re-initialize the object")
-        next_ref = StateRef(id=ref.id, t=new, tok=_next_token(ref.tok, frame_digest))
-        stored_next = fields.get(f"s:{new}")
-        if stored_next is not None:
-            if stored_next != next_ref.tok.encode() or f"o:{new}" not in fields:
-                raise StateConflict(
-                    f"states[{index}] was already advanced by another request; re-initialize the object"
-                )
-            replay = {"shape": decode_output(fields[f"o:{new}"])}
-            return _Pending(ref=ref, next_ref=next_ref, shape_type=header["type"], replay=replay)
-        # Decode now, so a corrupt stored frame fails the request before any object advances.
-        recent = {}
-        try:
-            for t in pointer_frames:
-                if f"p:{t}" not in fields or (t in memory_frames and f"m:{t}" not in fields):
-                    raise StateConflict(f"lost frame {t} in the store; re-initialize the object")
-                mem = fields.get(f"m:{t}")
-                recent[t] = FrameMemory(
-                    maskmem=None if mem is None else self.codec.decode_maskmem(mem),
-                    obj_ptr=self.codec.decode_pointer(fields[f"p:{t}"]),
-                )
-            prompt_memory = self.codec.decode_prompt(fields["cond"])
-        except (StateNotFound, StateConflict) as e:
-            raise type(e)(f"states[{index}]: {e}") from None
-        return _Pending(
-            ref=ref, next_ref=next_ref, shape_type=header["type"], prompt_memory=prompt_memory, recent=recent
-        )
+        return _Continue(ref=ref, next_ref=StateRef(id=ref.id, t=ref.t + 1, tok=_next_token(ref.tok, frame_digest)))
 
-    def _start(self, item: _Pending, frame) -> tuple[Optional[dict], StateRef]:
-        prompt = item.prompt
+    def _groups(self, indices: list[int], todo: list) -> list[list[int]]:
+        """Continued objects in groups of at most `object_batch` that share one window layout."""
+        by_frame: dict[int, list[int]] = {}
+        for i in indices:
+            by_frame.setdefault(todo[i].next_ref.t, []).append(i)
+        size = self.object_batch
+        return [same[k : k + size] for same in by_frame.values() for k in range(0, len(same), size)]
+
+    # --- phase 2: read, check and compute; nothing is written --------------------------------
+
+    def _start(self, prompt: Prompt, frame: Frame) -> _Answer:
         if prompt.box is not None:
             step = self.tracker.init_with_box(frame, prompt.box)
         else:
@@ -158,34 +146,90 @@ class TrackingService:
         header = encode_header(
             fingerprint=self.tracker.fingerprint, width=frame.width, height=frame.height, shape_type=prompt.type
         )
-        self.store.create(
-            ref.id,
-            {
-                "hdr": header,
-                "cond": self.codec.encode_prompt(step.memory),
-                "s:0": ref.tok.encode(),
-                "o:0": encode_output(shape),
-            },
-        )
-        return shape, ref
+        fields = {"hdr": header, "cond": self.codec.encode_prompt(step.memory), "s:0": ref.tok.encode(),
+                  "o:0": encode_output(shape)}
+        return _Answer(shape=shape, ref=ref, create=fields)
 
-    def _advance(self, item: _Pending, frame) -> tuple[Optional[dict], StateRef]:
-        ref, new_ref = item.ref, item.next_ref
-        new = new_ref.t
-        step = self.tracker.track(frame, index=new, prompt=item.prompt_memory, recent=item.recent)
-        shape = encode_shape(step.mask, item.shape_type, tolerance=self.polygon_tolerance)
-        # Drop what no later frame reads: the oldest memory and pointer, and the previous answer.
-        stale = [f"o:{ref.t}", f"m:{new - self.tracker.memory_frames}"]
-        oldest_ptr = new - self.tracker.pointer_frames
-        stale += [f"p:{oldest_ptr}", f"s:{oldest_ptr}"]
-        self.store.commit(
-            ref.id,
-            guard=(f"s:{new}", new_ref.tok.encode()),
-            put={
-                f"p:{new}": self.codec.encode_pointer(step.memory),
-                f"m:{new}": self.codec.encode_maskmem(step.memory),
-                f"o:{new}": encode_output(shape),
-            },
-            delete=stale,  # names of frames before 0 simply do not exist
+    def _load(self, item: _Continue, *, index: int, width: int, height: int) -> Union[_Answer, tuple]:
+        """A replayed answer, or (shape type, prompt memory, recent memories) to compute from."""
+        ref, next_ref = item.ref, item.next_ref
+        new = next_ref.t
+        pointer_frames, memory_frames = self.tracker.window(new)
+        names = ["hdr", "cond", f"s:{ref.t}", f"s:{new}", f"o:{new}"]
+        names += [f"p:{t}" for t in pointer_frames] + [f"m:{t}" for t in memory_frames]
+        try:
+            fields = self.store.read(ref.id, names)
+            if "hdr" not in fields or "cond" not in fields:
+                raise StateConflict("it is incomplete in the store; re-initialize the object")
+            header = decode_header(fields["hdr"], fingerprint=self.tracker.fingerprint)
+            if (header["width"], header["height"]) != (width, height):
+                raise BadRequest(
+                    f"image is {width}x{height}, but it was initialised on a {header['width']}x{header['height']} "
+                    "frame; frames of one task must have one size"
+                )
+            if fields.get(f"s:{ref.t}") != ref.tok.encode():
+                raise StateConflict("it does not match the stored tracking state; re-initialize the object")
+            stored_next = fields.get(f"s:{new}")
+            if stored_next is not None:
+                if stored_next != next_ref.tok.encode() or f"o:{new}" not in fields:
+                    raise StateConflict("it was already advanced by another request; re-initialize the object")
+                return _Answer(shape=decode_output(fields[f"o:{new}"]), ref=next_ref)  # a retry: same answer
+            recent = {}
+            for t in pointer_frames:
+                if f"p:{t}" not in fields or (t in memory_frames and f"m:{t}" not in fields):
+                    raise StateConflict(f"frame {t} is lost in the store; re-initialize the object")
+                mem = fields.get(f"m:{t}")
+                recent[t] = FrameMemory(
+                    maskmem=None if mem is None else self.codec.decode_maskmem(mem),
+                    obj_ptr=self.codec.decode_pointer(fields[f"p:{t}"]),
+                )
+            return header["type"], self.codec.decode_prompt(fields["cond"]), recent
+        except (StateNotFound, StateConflict, BadRequest) as e:  # name the object
+            raise type(e)(f"states[{index}]: {e}") from None
+
+    def _advance(self, items: list[_Continue], loaded: list[tuple], frame: Frame) -> list[_Answer]:
+        new = items[0].next_ref.t
+        steps: list[Step] = self.tracker.track_many(
+            frame, index=new, prompts=[prompt for _, prompt, _ in loaded], recents=[recent for _, _, recent in loaded]
         )
-        return shape, new_ref
+        # Drop what no later frame reads, and the previous answer (kept only to answer retries).
+        later = self.tracker.window(new + 1)
+        now = self.tracker.window(new)
+        stale = [f"o:{new - 1}"]
+        stale += [f"p:{t}" for t in now[0] if t not in later[0]] + [f"s:{t}" for t in now[0] if t not in later[0]]
+        stale += [f"m:{t}" for t in now[1] if t not in later[1]]
+        answers = []
+        for item, (shape_type, _, _), step in zip(items, loaded, steps):
+            shape = encode_shape(step.mask, shape_type, tolerance=self.polygon_tolerance)
+            commit = {
+                "guard": (f"s:{new}", item.next_ref.tok.encode()),
+                "put": {
+                    f"p:{new}": self.codec.encode_pointer(step.memory),
+                    f"m:{new}": self.codec.encode_maskmem(step.memory),
+                    f"o:{new}": encode_output(shape),
+                },
+                "delete": stale,
+            }
+            answers.append(_Answer(shape=shape, ref=item.next_ref, commit=commit))
+        return answers
+
+    # --- phase 3: write ------------------------------------------------------------------------
+
+    def _write(self, answers: list[_Answer]) -> None:
+        created = []
+        try:
+            for answer in answers:
+                if answer.create is not None:
+                    self.store.create(answer.ref.id, answer.create)
+                    created.append(answer.ref.id)
+                elif answer.commit is not None:
+                    self.store.commit(answer.ref.id, **answer.commit)
+        except BaseException:
+            # A retry starts new sessions for these objects: delete the ones started here, so
+            # they neither linger until their TTL nor push live sessions out of a bounded store.
+            for session in created:
+                try:
+                    self.store.delete(session)
+                except Exception:  # the store failing is likely why we are here; the TTL ends them
+                    pass
+            raise

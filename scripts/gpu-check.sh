@@ -72,7 +72,7 @@ echo "gpu-check: exactness on CUDA"
 
 [ "$quick" -eq 1 ] && exit 0
 echo "gpu-check: benchmarks on CUDA"
-"$python" bench/bench_handler.py --device cuda --sizes 1024 --objects 1 4 16 --frames 32
+"$python" bench/bench_handler.py --device cuda --sizes 1024 --objects 1 4 16 --object-batch 1 16 --frames 32
 "$python" bench/bench_handler.py --device cuda --sizes 1024 --objects 128 --frame-size 3840 2160 --frames 18 \
   --config configs/sam2.1/sam2.1_hiera_l.yaml --no-official --out bench/results/gpu-worst-case.json
 "$python" bench/bench_batching.py --device cuda --objects 16 --size 1024 --frames 32

@@ -39,7 +39,8 @@ class Replica(Function):
         tracker = base.context.user_data.service.tracker
         self.context.user_data.settings = settings
         self.context.user_data.service = TrackingService(
-            tracker, make_store(settings), polygon_tolerance=settings.polygon_tolerance
+            tracker, make_store(settings), polygon_tolerance=settings.polygon_tolerance,
+            object_batch=settings.object_batch,
         )
 
     @property

@@ -51,7 +51,7 @@ def make_checkpoint(
     torch.save({"model": model.state_dict()}, path)
 
 
-def _jpeg(img: np.ndarray) -> bytes:
+def jpeg(img: np.ndarray) -> bytes:
     buf = io.BytesIO()
     PIL.Image.fromarray(img).save(buf, format="JPEG", quality=90)
     return buf.getvalue()
@@ -67,7 +67,7 @@ def make_frames(count: int, *, seed: int = 0, width: int = FRAME_W, height: int 
         img = background.copy()
         for cx, cy, r, color in ((40 + 2 * i, 50, 18, (230, 60, 40)), (110 - i, 70 + i, 14, (40, 200, 230))):
             img[(xx - cx) ** 2 + (yy - cy) ** 2 <= r * r] = color
-        frames.append(_jpeg(img))
+        frames.append(jpeg(img))
     return frames
 
 
