@@ -28,8 +28,6 @@ class Settings:
     max_image_pixels: int = 7680 * 4320  # 8K frames; bigger images are refused before decoding
     max_body_bytes: int = 128 * 2**20  # matches maxRequestBodySize in function.yaml
     polygon_tolerance: float = 1.0  # px, Douglas-Peucker tolerance for returned polygons
-    # --- speed ---
-    object_batch: int = 1  # objects per model call; 1 is the official predictor (exact masks)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> "Settings":
@@ -69,5 +67,4 @@ class Settings:
             max_image_pixels=number("SAM2_MAX_IMAGE_PIXELS", 7680 * 4320),
             max_body_bytes=number("SAM2_MAX_BODY_BYTES", 128 * 2**20),
             polygon_tolerance=number("SAM2_POLYGON_TOLERANCE", 1.0, float),
-            object_batch=number("SAM2_OBJECT_BATCH", 1),
         )

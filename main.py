@@ -22,9 +22,7 @@ def init_context(context) -> None:
     tracker = load_tracker(settings)
     store = make_store(settings)
     context.user_data.settings = settings
-    context.user_data.service = TrackingService(
-        tracker, store, polygon_tolerance=settings.polygon_tolerance, object_batch=settings.object_batch
-    )
+    context.user_data.service = TrackingService(tracker, store, polygon_tolerance=settings.polygon_tolerance)
     context.logger.info_with(
         "SAM2 tracker ready",
         model=settings.config or settings.model_id,

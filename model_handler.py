@@ -200,47 +200,25 @@ class Sam2Tracker:
         """Track one object onto `frame`, the `index`-th frame after its prompt frame (index >= 1).
 
         `recent` maps earlier frame indices to their memories: those `window(index)` names, with
-        maskmem for the memory frames. This is one frame of `propagate_in_video` for one object.
+        maskmem for the memory frames. This is one frame of `propagate_in_video` for one object;
+        objects are never batched (see the README's Performance section for why).
         """
-        return self.track_many(frame, index=index, prompts=[prompt], recents=[recent])[0]
 
-    def track_many(
-        self,
-        frame: Frame,
-        *,
-        index: int,
-        prompts: Sequence[FrameMemory],
-        recents: Sequence[Mapping[int, FrameMemory]],
-    ) -> list[Step]:
-        """Track several objects, each `index` frames after its prompt frame, in one model call.
-
-        Their memories are stacked along the batch dimension, as sam2's older batched predictor
-        does. On a GPU that is several times faster than one call per object, but not
-        bit-identical to it (the official 1.1.0 predictor tracks one object at a time), so
-        callers batch only when configured to (SAM2_OBJECT_BATCH). One object is exact.
-        """
-        batch = len(prompts)
-        layout = [(t, m.maskmem is None) for t, m in sorted(recents[0].items())]
-        if any([(t, m.maskmem is None) for t, m in sorted(r.items())] != layout for r in recents[1:]):
-            raise ValueError("objects tracked in one call need memory windows of the same layout")
-        pos_enc = [x.expand(batch, -1, -1, -1) for x in self._maskmem_pos_enc]
-
-        def entry(memories: list[FrameMemory]) -> dict:  # the shape track_step reads from output_dict
-            maskmem = None if memories[0].maskmem is None else _stack([m.maskmem for m in memories])
+        def entry(m: FrameMemory) -> dict:  # the shape track_step reads from output_dict
             # track_step moves memories to the device itself, but stacks pointers as they are.
-            return {"maskmem_features": maskmem, "maskmem_pos_enc": pos_enc,
-                    "obj_ptr": _stack([m.obj_ptr.to(self.device) for m in memories])}
+            return {"maskmem_features": m.maskmem, "maskmem_pos_enc": self._maskmem_pos_enc,
+                    "obj_ptr": m.obj_ptr.to(self.device)}
 
         output_dict = {
-            "cond_frame_outputs": {0: entry(list(prompts))},
-            "non_cond_frame_outputs": {t: entry([r[t] for r in recents]) for t, _ in layout},
+            "cond_frame_outputs": {0: entry(prompt)},
+            "non_cond_frame_outputs": {t: entry(m) for t, m in recent.items()},
         }
         with self._inference():
             out = self.model.track_step(
                 frame_idx=index,
                 is_init_cond_frame=False,
-                current_vision_feats=[x.expand(-1, batch, -1) for x in frame.vision_feats],
-                current_vision_pos_embeds=[x.expand(-1, batch, -1) for x in frame.vision_pos_embeds],
+                current_vision_feats=frame.vision_feats,
+                current_vision_pos_embeds=frame.vision_pos_embeds,
                 feat_sizes=frame.feat_sizes,
                 point_inputs=None,
                 mask_inputs=None,
@@ -250,15 +228,9 @@ class Sam2Tracker:
                 num_frames=max(index + 1, self.pointer_frames + 1),
                 run_mem_encoder=True,
             )
-            maskmem = out["maskmem_features"].to(torch.bfloat16)
+            memory = FrameMemory(maskmem=out["maskmem_features"].to(torch.bfloat16), obj_ptr=out["obj_ptr"])
             pred_masks = self._postprocess(out["pred_masks"])
-            return [
-                Step(
-                    memory=FrameMemory(maskmem=maskmem[i : i + 1], obj_ptr=out["obj_ptr"][i : i + 1]),
-                    mask=self._to_frame_mask(pred_masks[i : i + 1], frame),
-                )
-                for i in range(batch)
-            ]
+            return Step(memory=memory, mask=self._to_frame_mask(pred_masks, frame))
 
     def _postprocess(self, pred_masks: torch.Tensor) -> torch.Tensor:
         # fill_holes_in_mask_scores needs sam2's CUDA extension; without it the predictor warns
@@ -275,10 +247,6 @@ class Sam2Tracker:
             pred_masks, size=(frame.height, frame.width), mode="bilinear", align_corners=False
         )
         return (video_res[0, 0] > 0).cpu().numpy()
-
-
-def _stack(tensors: list[torch.Tensor]) -> torch.Tensor:
-    return tensors[0] if len(tensors) == 1 else torch.cat(tensors)
 
 
 def _has_sam2_extension() -> bool:

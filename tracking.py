@@ -16,8 +16,8 @@ its answer stored) and let `commit` refuse a different request racing for the sa
 
 A request runs in three phases, so that a failure leaves as little as possible behind:
 1. validate every shape and state reference, without touching the store;
-2. per object: read its state, check it, compute its answer (one object, or one batch of objects
-   with the same window, at a time, so memory stays bounded); nothing is written;
+2. per object: read its state, check it and compute its answer, one object at a time so that
+   memory stays bounded; nothing is written;
 3. write every object's new frame. If a write fails, the sessions this request created are
    deleted again; objects already advanced answer a retry of the same request from the store.
 """
@@ -28,7 +28,7 @@ import secrets
 from typing import Optional, Union
 
 from errors import BadRequest, StateConflict, StateNotFound
-from model_handler import Frame, FrameMemory, Sam2Tracker, Step
+from model_handler import Frame, FrameMemory, Sam2Tracker
 from shapes import Prompt, decode_shape, encode_shape
 from state_codec import MemoryCodec, decode_header, decode_output, encode_header, encode_output
 from state_store import StateStore
@@ -84,12 +84,11 @@ def _next_token(tok: str, frame_digest: bytes) -> str:
 
 
 class TrackingService:
-    def __init__(self, tracker: Sam2Tracker, store: StateStore, *, polygon_tolerance: float, object_batch: int = 1):
+    def __init__(self, tracker: Sam2Tracker, store: StateStore, *, polygon_tolerance: float):
         self.tracker = tracker
         self.store = store
         self.codec = MemoryCodec.for_tracker(tracker)
         self.polygon_tolerance = polygon_tolerance
-        self.object_batch = object_batch  # objects per model call; 1 is the official predictor's loop
 
     def track(self, *, image, frame_digest: bytes, objects: list[ObjectRequest]) -> dict:
         """Answer one CVAT request: {"shapes": [...], "states": [...]}, one entry per object."""
@@ -97,24 +96,18 @@ class TrackingService:
         todo = [self._validate(obj, index=i, width=width, height=height, frame_digest=frame_digest)
                 for i, obj in enumerate(objects)]
         frame = None  # encoded once per request, and only if some object needs the model
-        answers: list[Optional[_Answer]] = [None] * len(todo)
+        answers: list[_Answer] = []
         for i, item in enumerate(todo):
             if isinstance(item, _Start):
                 frame = frame or self.tracker.preprocess(image)
-                answers[i] = self._start(item.prompt, frame)
-        for group in self._groups([i for i, item in enumerate(todo) if isinstance(item, _Continue)], todo):
-            pending = []  # (index, what _load read) of the objects that need the model
-            for i in group:
-                loaded = self._load(todo[i], index=i, width=width, height=height)
-                if isinstance(loaded, _Answer):  # a retry of a step already written
-                    answers[i] = loaded
-                else:
-                    pending.append((i, loaded))
-            if pending:
+                answers.append(self._start(item.prompt, frame))
+                continue
+            # One object's memories at a time: decoded here, dropped once its step is computed.
+            loaded = self._load(item, index=i, width=width, height=height)
+            if not isinstance(loaded, _Answer):  # not a retry of a step already written
                 frame = frame or self.tracker.preprocess(image)
-                computed = self._advance([todo[i] for i, _ in pending], [loaded for _, loaded in pending], frame)
-                for (i, _), answer in zip(pending, computed):
-                    answers[i] = answer
+                loaded = self._advance(item, *loaded, frame)
+            answers.append(loaded)
         self._write(answers)
         return {"shapes": [a.shape for a in answers], "states": [a.ref.to_json() for a in answers]}
 
@@ -125,14 +118,6 @@ class TrackingService:
             return _Start(prompt=decode_shape(obj.shape, width=width, height=height, field=f"shapes[{index}]"))
         ref = obj.state
         return _Continue(ref=ref, next_ref=StateRef(id=ref.id, t=ref.t + 1, tok=_next_token(ref.tok, frame_digest)))
-
-    def _groups(self, indices: list[int], todo: list) -> list[list[int]]:
-        """Continued objects in groups of at most `object_batch` that share one window layout."""
-        by_frame: dict[int, list[int]] = {}
-        for i in indices:
-            by_frame.setdefault(todo[i].next_ref.t, []).append(i)
-        size = self.object_batch
-        return [same[k : k + size] for same in by_frame.values() for k in range(0, len(same), size)]
 
     # --- phase 2: read, check and compute; nothing is written --------------------------------
 
@@ -187,31 +172,25 @@ class TrackingService:
         except (StateNotFound, StateConflict, BadRequest) as e:  # name the object
             raise type(e)(f"states[{index}]: {e}") from None
 
-    def _advance(self, items: list[_Continue], loaded: list[tuple], frame: Frame) -> list[_Answer]:
-        new = items[0].next_ref.t
-        steps: list[Step] = self.tracker.track_many(
-            frame, index=new, prompts=[prompt for _, prompt, _ in loaded], recents=[recent for _, _, recent in loaded]
-        )
+    def _advance(self, item: _Continue, shape_type: str, prompt: FrameMemory, recent: dict, frame: Frame) -> _Answer:
+        new = item.next_ref.t
+        step = self.tracker.track(frame, index=new, prompt=prompt, recent=recent)
+        shape = encode_shape(step.mask, shape_type, tolerance=self.polygon_tolerance)
         # Drop what no later frame reads, and the previous answer (kept only to answer retries).
-        later = self.tracker.window(new + 1)
-        now = self.tracker.window(new)
+        (pointers, memories), (later_pointers, later_memories) = self.tracker.window(new), self.tracker.window(new + 1)
         stale = [f"o:{new - 1}"]
-        stale += [f"p:{t}" for t in now[0] if t not in later[0]] + [f"s:{t}" for t in now[0] if t not in later[0]]
-        stale += [f"m:{t}" for t in now[1] if t not in later[1]]
-        answers = []
-        for item, (shape_type, _, _), step in zip(items, loaded, steps):
-            shape = encode_shape(step.mask, shape_type, tolerance=self.polygon_tolerance)
-            commit = {
-                "guard": (f"s:{new}", item.next_ref.tok.encode()),
-                "put": {
-                    f"p:{new}": self.codec.encode_pointer(step.memory),
-                    f"m:{new}": self.codec.encode_maskmem(step.memory),
-                    f"o:{new}": encode_output(shape),
-                },
-                "delete": stale,
-            }
-            answers.append(_Answer(shape=shape, ref=item.next_ref, commit=commit))
-        return answers
+        stale += [f"{kind}:{t}" for t in pointers if t not in later_pointers for kind in ("p", "s")]
+        stale += [f"m:{t}" for t in memories if t not in later_memories]
+        commit = {
+            "guard": (f"s:{new}", item.next_ref.tok.encode()),
+            "put": {
+                f"p:{new}": self.codec.encode_pointer(step.memory),
+                f"m:{new}": self.codec.encode_maskmem(step.memory),
+                f"o:{new}": encode_output(shape),
+            },
+            "delete": stale,
+        }
+        return _Answer(shape=shape, ref=item.next_ref, commit=commit)
 
     # --- phase 3: write ------------------------------------------------------------------------
 

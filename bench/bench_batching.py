@@ -95,11 +95,12 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=1024)
     parser.add_argument("--frames", type=int, default=24)
     parser.add_argument("--frame-size", type=int, nargs=2, default=[960, 540])
+    parser.add_argument("--seed", type=int, default=7, help="of the synthetic video")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", default=os.path.join(HERE, "results", "batching.json"))
     args = parser.parse_args()
     width, height = args.frame_size
-    frames = make_frames(args.frames, seed=7, width=width, height=height)
+    frames = make_frames(args.frames, seed=args.seed, width=width, height=height)
     masks = grid_masks(args.objects, width=width, height=height)
     overrides = (f"++model.image_size={args.size}",)
 

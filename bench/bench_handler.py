@@ -9,7 +9,7 @@ Medians are over the steady state: frames 16 on, once every object's memory wind
 Every frame's masks are compared with the official ones, outside the timed part.
 
     .venv/bin/python bench/bench_handler.py [--sizes 512 1024] [--objects 1 3] [--frames 24]
-    python bench/bench_handler.py --device cuda --sizes 1024 --objects 1 4 16 --object-batch 1 16
+    python bench/bench_handler.py --device cuda --sizes 1024 --objects 1 4 16
 
 `--no-official` times the handler alone (for sizing a timeout on a big model, say). Prints a
 table and writes bench/results/handler.json (CPU) or bench/results/gpu.json (CUDA).
@@ -37,13 +37,12 @@ from support import Function, autocast, grid_masks, make_checkpoint, make_frames
 STEADY_FROM = 16  # the prompt frame, 15 pointer frames: the window is full from frame 16 on
 
 
-def bench_case(*, checkpoint, config, size, objects, batch, frames, width, height, device, official_too) -> dict:
+def bench_case(*, checkpoint, config, size, objects, frames, width, height, device, official_too) -> dict:
     from sam2.build_sam import build_sam2_video_predictor
 
     overrides = [f"++model.image_size={size}"]
     env = {**model_env(checkpoint, device=device, overrides=overrides), "SAM2_CONFIG": config,
-           "CVAT_FUNCTIONS_REDIS_HOST": "", "SAM2_MAX_OBJECTS": str(max(objects, 128)),
-           "SAM2_OBJECT_BATCH": str(batch)}
+           "CVAT_FUNCTIONS_REDIS_HOST": "", "SAM2_MAX_OBJECTS": str(max(objects, 128))}
     function = Function(env)
     masks = grid_masks(objects, width=width, height=height)
     official = None
@@ -89,7 +88,6 @@ def bench_case(*, checkpoint, config, size, objects, batch, frames, width, heigh
         "model": config,
         "image_size": size,
         "objects": objects,
-        "object_batch": batch,
         "frame_size": [width, height],
         "first_frame_ms": round(first_ms, 1),
         "frames_timed": len(ours_ms[steady]),
@@ -162,8 +160,6 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", type=int, nargs="+", default=[512, 1024])
     parser.add_argument("--objects", type=int, nargs="+", default=[1, 3])
-    parser.add_argument("--object-batch", type=int, nargs="+", default=[1],
-                        help="SAM2_OBJECT_BATCH values to run (1: one object per model call, exact)")
     parser.add_argument("--frames", type=int, default=24, help="frames per case, the prompt frame included")
     parser.add_argument("--frame-size", type=int, nargs=2, default=[960, 540], metavar=("WIDTH", "HEIGHT"))
     parser.add_argument("--config", default="configs/sam2.1/sam2.1_hiera_t.yaml", help="sam2 config (random weights)")
@@ -183,16 +179,15 @@ def main() -> None:
         make_checkpoint(checkpoint, config=args.config)
         for size in args.sizes:
             for objects in args.objects:
-                for batch in sorted({min(b, objects) for b in args.object_batch}):
-                    print(f"{args.config}, image size {size}, {objects} object(s) in batches of {batch}, "
-                          f"{width}x{height}: {args.frames} frames ...", file=sys.stderr, flush=True)
-                    results.append(bench_case(checkpoint=checkpoint, config=args.config, size=size, objects=objects,
-                                              batch=batch, frames=frames, width=width, height=height,
-                                              device=args.device, official_too=not args.no_official))
+                print(f"{args.config}, image size {size}, {objects} object(s), {width}x{height}: "
+                      f"{args.frames} frames ...", file=sys.stderr, flush=True)
+                results.append(bench_case(checkpoint=checkpoint, config=args.config, size=size, objects=objects,
+                                          frames=frames, width=width, height=height, device=args.device,
+                                          official_too=not args.no_official))
 
-    print(f"\n{'size':>5} {'objects':>7} {'batch':>5} {'handler ms':>11} {'official ms':>12} {'ratio':>6} {'max ms':>8} {'differing masks':>16}")
+    print(f"\n{'size':>5} {'objects':>7} {'handler ms':>11} {'official ms':>12} {'ratio':>6} {'max ms':>8} {'differing masks':>16}")
     for r in results:
-        print(f"{r['image_size']:>5} {r['objects']:>7} {r['object_batch']:>5} {r['handler_ms_median']:>11} {r.get('official_ms_median', '-'):>12} "
+        print(f"{r['image_size']:>5} {r['objects']:>7} {r['handler_ms_median']:>11} {r.get('official_ms_median', '-'):>12} "
               f"{r.get('ratio', '-'):>6} {r['handler_ms_max']:>8} {r.get('masks_differing', '-'):>16}")
     os.makedirs(os.path.dirname(out), exist_ok=True)
     with open(out, "w") as f:

@@ -7,7 +7,8 @@
 #      official SAM2VideoPredictor under bf16 autocast, identical masks required;
 #   3. runs the benchmarks on CUDA and writes bench/results/gpu.json (handler vs official, image
 #      size 1024, 1/4/16 objects), gpu-worst-case.json (the large model, 128 objects, a 4K frame:
-#      what eventTimeout must cover) and batching.json (objects batched through one track_step).
+#      what eventTimeout must cover) and batching.json, batching-small.json (objects batched
+#      through one track_step: measured, not used).
 # Without a CUDA device it says so and exits 0: CI machines have none.
 #
 #   scripts/gpu-check.sh [--wheels DIR] [--quick]
@@ -72,8 +73,10 @@ echo "gpu-check: exactness on CUDA"
 
 [ "$quick" -eq 1 ] && exit 0
 echo "gpu-check: benchmarks on CUDA"
-"$python" bench/bench_handler.py --device cuda --sizes 1024 --objects 1 4 16 --object-batch 1 16 --frames 32
+"$python" bench/bench_handler.py --device cuda --sizes 1024 --objects 1 4 16 --frames 32
 "$python" bench/bench_handler.py --device cuda --sizes 1024 --objects 128 --frame-size 3840 2160 --frames 18 \
   --config configs/sam2.1/sam2.1_hiera_l.yaml --no-official --out bench/results/gpu-worst-case.json
 "$python" bench/bench_batching.py --device cuda --objects 16 --size 1024 --frames 32
-echo "gpu-check: done; results in bench/results/gpu.json, gpu-worst-case.json and batching.json"
+"$python" bench/bench_batching.py --device cuda --objects 4 --size 256 --frame-size 160 120 --seed 0 --frames 24 \
+  --out bench/results/batching-small.json
+echo "gpu-check: done; results in bench/results/gpu.json, gpu-worst-case.json, batching.json and batching-small.json"

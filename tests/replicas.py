@@ -39,8 +39,7 @@ class Replica(Function):
         tracker = base.context.user_data.service.tracker
         self.context.user_data.settings = settings
         self.context.user_data.service = TrackingService(
-            tracker, make_store(settings), polygon_tolerance=settings.polygon_tolerance,
-            object_batch=settings.object_batch,
+            tracker, make_store(settings), polygon_tolerance=settings.polygon_tolerance
         )
 
     @property

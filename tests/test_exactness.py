@@ -20,7 +20,7 @@ from model_handler import FrameMemory
 from shapes import decode_shape
 from support import (
     FIRST_BOXES, FRAME_H, FRAME_W, NO_CUDA, Function, jpeg, answer_mask, assert_same_masks, first_masks,
-    grid_masks, iou, make_checkpoint, make_frames, mask_shape, model_env, official_masks, run_function,
+    grid_masks, make_checkpoint, make_frames, mask_shape, model_env, official_masks, run_function,
 )
 
 FRAMES = 24  # past the 16-frame pointer window and the 7-frame memory window
@@ -79,58 +79,6 @@ def test_mask_prompts_four_objects(handler_on, frames, official_four):
     ours = run_function(handler_on, frames, [mask_shape(m) for m in FOUR_MASKS])
     got = [[answer_mask(s, width=FRAME_W, height=FRAME_H) for s in shapes] for shapes in ours]
     assert_same_masks(got, official_four)
-
-
-def test_objects_batched_into_one_model_call_stay_close(checkpoint, frames, device, official_four, monkeypatch):
-    # SAM2_OBJECT_BATCH > 1 stacks objects along the batch dimension: faster on a GPU, not
-    # bit-identical. The bar for offering it: IoU >= 0.999 with the official masks on every frame.
-    function = Function({**model_env(checkpoint, device=device), "CVAT_FUNCTIONS_REDIS_HOST": "",
-                         "SAM2_OBJECT_BATCH": "4"})
-    tracker = function.context.user_data.service.tracker
-    batches = []
-    track_many = tracker.track_many
-
-    def recording(frame, **kwargs):
-        batches.append(len(kwargs["prompts"]))
-        return track_many(frame, **kwargs)
-
-    monkeypatch.setattr(tracker, "track_many", recording)
-    ours = run_function(function, frames, [mask_shape(m) for m in FOUR_MASKS])
-    assert batches == [4] * (FRAMES - 1)
-    got = [[answer_mask(s, width=FRAME_W, height=FRAME_H) for s in shapes] for shapes in ours]
-    for frame_idx, (got_frame, expected_frame) in enumerate(zip(got, official_four)):
-        for obj, (mask, expected) in enumerate(zip(got_frame, expected_frame)):
-            assert iou(mask, expected) >= 0.999, (frame_idx, obj, iou(mask, expected))
-
-
-def test_box_prompts(handler_on, checkpoint, frames, device, answered_masks):
-    ours = run_function(handler_on, frames, [{"type": "rectangle", "points": b} for b in FIRST_BOXES])
-    assert all(s["type"] == "rectangle" for shapes in ours for s in shapes)
-    official = official_masks(checkpoint, frames, boxes=FIRST_BOXES, device=device)
-    assert_same_masks(per_frame(answered_masks, 2), official)
-    # The rectangles answered are those masks' bounding boxes.
-    assert [[s["points"] for s in shapes] for shapes in ours] == [[bounding_box(m) for m in f] for f in official]
-
-
-def test_polygon_prompts(handler_on, checkpoint, frames, device, answered_masks):
-    polygons = [[22, 50, 40, 30, 58, 48, 44, 70], [96, 60, 124, 56, 116, 86]]
-    shapes = [{"type": "polygon", "points": p} for p in polygons]
-    ours = run_function(handler_on, frames, shapes)
-    assert all(s is None or s["type"] == "polygon" for f in ours for s in f)
-    # The official predictor has no polygon prompt: it gets the polygon's pixels as a mask.
-    masks = [decode_shape(s, width=FRAME_W, height=FRAME_H, field="s").mask for s in shapes]
-    assert_same_masks(per_frame(answered_masks, 2), official_masks(checkpoint, frames, masks=masks, device=device))
-
-
-def test_prompt_mask_with_small_holes(handler_on, checkpoint, frames, device):
-    # Holes of a few pixels are what fill_hole_area=8 fills (with sam2's CUDA extension).
-    mask = np.zeros((FRAME_H, FRAME_W), dtype=bool)
-    mask[25:80, 15:70] = True
-    for y, x in [(35, 25), (40, 50), (60, 30), (70, 60), (50, 40)]:
-        mask[y : y + 2, x : x + 2] = False
-    ours = run_function(handler_on, frames, [mask_shape(mask)])
-    got = [[answer_mask(s, width=FRAME_W, height=FRAME_H) for s in shapes] for shapes in ours]
-    assert_same_masks(got, official_masks(checkpoint, frames, masks=[mask], device=device))
 
 
 # An object that leaves and comes back. The frames show a disc on frames 0-7 and 14-23 and a flat
