@@ -29,8 +29,9 @@ def make_context(level: int = logging.INFO) -> nuclio_sdk.Context:
 
 
 def make_event(*, body: bytes, content_type: str, method: str, path: str, headers: dict) -> nuclio_sdk.Event:
-    # Nuclio's wrapper decodes the body only for exactly "application/json"; otherwise the
-    # handler gets bytes (REFERENCE §3). Undecodable JSON is passed on as bytes for a clear 400.
+    # Nuclio's wrapper (nuclio-sdk 0.6.3) decodes the body only when the content type is exactly
+    # "application/json"; otherwise, "; charset=utf-8" included, the handler gets bytes.
+    # Undecodable JSON is passed on as bytes, for the handler's clear 400.
     size = len(body)
     if content_type == "application/json" and body:
         try:
@@ -43,7 +44,10 @@ def make_event(*, body: bytes, content_type: str, method: str, path: str, header
 
 
 def build_app(context: nuclio_sdk.Context, *, max_body_bytes: int) -> web.Application:
+    # Tracking requests run one at a time, like a Nuclio trigger with numWorkers: 1. Health checks
+    # have a thread of their own, so they answer while a long request runs or others queue.
     worker = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="handler")
+    prober = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="health")
 
     def invoke(event: nuclio_sdk.Event) -> web.Response:
         output = main.handler(context, event)
@@ -55,11 +59,17 @@ def build_app(context: nuclio_sdk.Context, *, max_body_bytes: int) -> web.Applic
             content_type=response["content_type"],
         )
 
+    def too_large(size) -> web.Response:
+        error = f"request body is {size} bytes; the limit is {max_body_bytes} (SAM2_MAX_BODY_BYTES)"
+        return web.json_response({"error": error}, status=413)
+
     async def call(request: web.Request) -> web.Response:
         if (request.content_length or 0) > max_body_bytes:
-            error = f"request body is {request.content_length} bytes; the limit is {max_body_bytes} (SAM2_MAX_BODY_BYTES)"
-            return web.json_response({"error": error}, status=413)
-        body = await request.read() if request.method == "POST" else b""
+            return too_large(request.content_length)
+        try:
+            body = await request.read() if request.method == "POST" else b""
+        except web.HTTPRequestEntityTooLarge:  # a chunked body, whose size shows only as it arrives
+            return too_large(f"over {max_body_bytes}")
         event = make_event(
             body=body,
             content_type=request.headers.get("Content-Type", ""),
@@ -67,13 +77,30 @@ def build_app(context: nuclio_sdk.Context, *, max_body_bytes: int) -> web.Applic
             path=request.path,
             headers=dict(request.headers),
         )
-        return await asyncio.get_running_loop().run_in_executor(worker, invoke, event)
+        executor = prober if request.method == "GET" else worker
+        return await asyncio.get_running_loop().run_in_executor(executor, invoke, event)
 
-    app = web.Application(client_max_size=max_body_bytes)
+    @web.middleware
+    async def json_errors(request: web.Request, handler) -> web.StreamResponse:
+        # aiohttp's own errors (unknown path, wrong method, ...) in the function's JSON form too.
+        try:
+            return await handler(request)
+        except web.HTTPException as e:
+            if e.status < 400:
+                raise
+            return web.json_response({"error": e.reason}, status=e.status, headers={
+                k: v for k, v in e.headers.items() if k.lower() == "allow"
+            })
+
+    async def stop_threads(_app: web.Application) -> None:
+        worker.shutdown(wait=False)
+        prober.shutdown(wait=False)
+
+    app = web.Application(client_max_size=max_body_bytes, middlewares=[json_errors])
     app.router.add_post("/", call)
     app.router.add_get("/", call)
     app.router.add_get("/health", call)
-    app.on_shutdown.append(lambda _: worker.shutdown(wait=False))
+    app.on_shutdown.append(stop_threads)
     return app
 
 

@@ -1,11 +1,14 @@
 """The local HTTP server: a real process serving the function over HTTP."""
 
 import base64
+import http.client
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -32,8 +35,7 @@ def request(url: str, payload=None, *, method="POST", content_type="application/
         return e.code, json.loads(e.read())
 
 
-@pytest.fixture(scope="module")
-def server(checkpoint):
+def start_server(checkpoint) -> tuple[subprocess.Popen, str]:
     port = free_port()
     env = {**os.environ, **model_env(checkpoint), "CVAT_FUNCTIONS_REDIS_HOST": "", "SAM2_MAX_BODY_BYTES": "2000000"}
     proc = subprocess.Popen(
@@ -45,13 +47,18 @@ def server(checkpoint):
     while True:
         try:
             if request(url + "/health", method="GET")[0] == 200:
-                break
+                return proc, url
         except OSError:
             pass
         if proc.poll() is not None or time.monotonic() > deadline:
             proc.kill()
             pytest.fail("server did not start:\n" + proc.stdout.read().decode(errors="replace"))
         time.sleep(0.3)
+
+
+@pytest.fixture(scope="module")
+def server(checkpoint):
+    proc, url = start_server(checkpoint)
     yield url
     proc.terminate()
     proc.wait(timeout=30)
@@ -83,3 +90,54 @@ def test_server_refuses_an_oversize_body_with_json_413(server):
 def test_server_answers_garbage_with_json_400(server):
     status, answer = request(server, b"{not json")
     assert status == 400 and "JSON" in answer["error"]
+
+
+def test_server_refuses_an_oversize_chunked_body_with_json_413(server):
+    # No Content-Length: the size shows only as the chunks arrive.
+    host, port = server.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=60)
+    chunks = (b"x" * 100_000 for _ in range(25))  # 2.5 MB against a 2 MB limit
+    conn.request("POST", "/", body=chunks, encode_chunked=True, headers={"Content-Type": "application/json"})
+    response = conn.getresponse()
+    assert response.status == 413
+    assert response.getheader("Content-Type").startswith("application/json")
+    assert "SAM2_MAX_BODY_BYTES" in json.loads(response.read())["error"]
+
+
+@pytest.mark.parametrize("method, path, status", [("GET", "/nowhere", 404), ("DELETE", "/", 405)])
+def test_server_answers_every_error_in_json(server, method, path, status):
+    got, answer = request(server + path, method=method)
+    assert got == status and isinstance(answer["error"], str)
+
+
+def test_health_answers_while_a_long_request_runs(server):
+    frames = make_frames(1, seed=6)
+    boxes = [[i % 50, i % 40, 60 + i % 50, 50 + i % 40] for i in range(128)]  # 128 objects to start: seconds of work
+    payload = {"image": base64.b64encode(frames[0]).decode(),
+               "shapes": [{"type": "rectangle", "points": b} for b in boxes], "states": []}
+    done = {}
+
+    def long_request():
+        done["status"] = request(server, payload)[0]
+        done["at"] = time.monotonic()
+
+    thread = threading.Thread(target=long_request)
+    started = time.monotonic()
+    thread.start()
+    time.sleep(0.5)  # the request is being served
+    status, answer = request(server + "/health", method="GET")
+    answered = time.monotonic()
+    thread.join(timeout=120)
+    assert status == 200 and answer["status"] == "ok"
+    assert done["status"] == 200
+    assert done["at"] - started > 2, "the request was too short to tell"
+    assert answered < done["at"], "health waited for the tracking request"
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_server_stops_cleanly_on_a_signal(checkpoint, signum):
+    proc, _ = start_server(checkpoint)
+    proc.send_signal(signum)
+    output = proc.communicate(timeout=30)[0].decode(errors="replace")
+    assert proc.returncode == 0, output
+    assert "Traceback" not in output, output
