@@ -1,7 +1,9 @@
 """Every setting the function reads, parsed once from the environment (see the README's table)."""
 
 import dataclasses
+import math
 import os
+import re
 from typing import Mapping, Optional
 
 DEFAULT_MODEL_ID = "facebook/sam2.1-hiera-tiny"
@@ -43,13 +45,13 @@ class Settings:
                 parsed = kind(value)
             except ValueError:
                 raise ValueError(f"{name}={value!r} is not a valid {kind.__name__}") from None
-            if parsed <= 0:
-                raise ValueError(f"{name} must be positive, got {value!r}")
+            if not math.isfinite(parsed) or parsed <= 0:  # "nan" and "inf" parse as floats
+                raise ValueError(f"{name} must be a positive finite number, got {value!r}")
             return parsed
 
         device = text("SAM2_DEVICE")
-        if device not in (None, "cpu", "cuda") and not (device or "").startswith("cuda:"):
-            raise ValueError(f"SAM2_DEVICE must be 'cpu' or 'cuda', got {device!r}")
+        if device is not None and not re.fullmatch(r"cpu|cuda(:[0-9]+)?", device):
+            raise ValueError(f"SAM2_DEVICE must be 'cpu', 'cuda' or 'cuda:N' (N a GPU index), got {device!r}")
         return cls(
             model_id=text("SAM2_MODEL_ID") or DEFAULT_MODEL_ID,
             config=text("SAM2_CONFIG"),

@@ -36,6 +36,10 @@ def _unpack(data: bytes, what: str) -> Any:
         raise StateCorrupt(f"stored {what} is unreadable ({e}); re-initialize the object") from e
 
 
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)  # msgpack has booleans too
+
+
 def encode_header(*, fingerprint: str, width: int, height: int, shape_type: str) -> bytes:
     return _pack(
         {"format": FORMAT_VERSION, "model": fingerprint, "width": width, "height": height, "type": shape_type}
@@ -45,7 +49,7 @@ def encode_header(*, fingerprint: str, width: int, height: int, shape_type: str)
 def decode_header(data: bytes, *, fingerprint: str) -> dict:
     """Return {width, height, type}; refuse states of another format or model."""
     header = _unpack(data, "state header")
-    if not isinstance(header, dict) or not isinstance(header.get("format"), int):
+    if not isinstance(header, dict) or not _is_int(header.get("format")):
         raise StateCorrupt("stored state header is malformed; re-initialize the object")
     if header["format"] != FORMAT_VERSION:
         raise StateConflict(
@@ -56,7 +60,7 @@ def decode_header(data: bytes, *, fingerprint: str) -> dict:
         raise StateConflict("tracking state was made by a different model; re-initialize the object")
     width, height, shape_type = header.get("width"), header.get("height"), header.get("type")
     if not (
-        isinstance(width, int) and isinstance(height, int) and width > 0 and height > 0
+        _is_int(width) and _is_int(height) and width > 0 and height > 0
         and shape_type in ("mask", "polygon", "rectangle")
     ):
         raise StateCorrupt("stored state header is malformed; re-initialize the object")
@@ -72,7 +76,8 @@ def _encode_tensor(tensor: torch.Tensor) -> dict:
 
 def _decode_tensor(value: Any, *, shape: tuple[int, ...], dtypes: tuple[torch.dtype, ...], what: str) -> torch.Tensor:
     """Build a tensor only from bytes whose dtype, shape and length are all as expected."""
-    dtype = _DTYPES.get(value.get("dtype")) if isinstance(value, dict) else None
+    name = value.get("dtype") if isinstance(value, dict) else None
+    dtype = _DTYPES.get(name) if isinstance(name, str) else None
     if dtype not in dtypes:
         names = ", ".join(_DTYPE_NAMES[d] for d in dtypes)
         raise StateCorrupt(f"stored {what} is not a tensor of dtype {names}; re-initialize the object")

@@ -28,12 +28,21 @@ def test_environment_is_parsed_once_into_settings():
 
 @pytest.mark.parametrize("env, message", [
     ({"SAM2_DEVICE": "tpu"}, "SAM2_DEVICE"),
+    ({"SAM2_DEVICE": "cuda:first"}, "SAM2_DEVICE"),
+    ({"SAM2_REDIS_TIMEOUT_SECONDS": "nan"}, "SAM2_REDIS_TIMEOUT_SECONDS"),
+    ({"SAM2_POLYGON_TOLERANCE": "inf"}, "SAM2_POLYGON_TOLERANCE"),
+    ({"SAM2_STATE_TTL_SECONDS": "-5"}, "SAM2_STATE_TTL_SECONDS"),
     ({"CVAT_FUNCTIONS_REDIS_PORT": "redis"}, "CVAT_FUNCTIONS_REDIS_PORT"),
     ({"SAM2_MAX_OBJECTS": "0"}, "SAM2_MAX_OBJECTS"),
 ])
 def test_invalid_settings_are_refused_by_name(env, message):
     with pytest.raises(ValueError, match=message):
         Settings.from_env(env)
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda", "cuda:0", "cuda:3"])
+def test_every_documented_device_form_is_accepted(device):
+    assert Settings.from_env({"SAM2_DEVICE": device}).device == device
 
 
 def test_missing_weights_name_the_variables_to_set(monkeypatch, tmp_path):

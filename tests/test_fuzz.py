@@ -245,3 +245,97 @@ def test_handler_answers_mutated_requests_with_a_2xx_or_a_4xx(function, valid_re
     as_bytes = data.draw(st.booleans())
     content_type = "application/json; charset=utf-8" if as_bytes else "application/json"
     assert_answered(*function.call(json.dumps(body).encode() if as_bytes else body, content_type=content_type))
+
+
+# --- stored state: whatever bytes a store hands back, the answer is 409 or 410 ---------------
+
+msgpack_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**63), 2**64 - 1) | st.floats() | st.text(max_size=20)
+    | st.binary(max_size=64),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    max_leaves=12,
+)
+
+
+@pytest.fixture(scope="module")
+def stored(function):
+    """An object tracked to frame 3 in the embedded store, and the request for frame 4."""
+    frames = make_frames(5, seed=11)
+    states = function.track(frames[0], shapes=[{"type": "mask", "points": encode_mask(first_masks()[0])}])["states"]
+    for frame in frames[1:4]:
+        states = function.track(frame, states=states)["states"]
+    request = {"image": base64.b64encode(frames[4]).decode(), "shapes": [None], "states": states}
+    store = function.context.user_data.service.store
+    return request, store._sessions[states[0]["id"]][1]  # the session's fields, to corrupt in place
+
+
+def corruptions(original: bytes) -> st.SearchStrategy:
+    """Bytes that are not `original`: random, other msgpack values, or the stored map with one
+    entry (at any depth) replaced by an arbitrary value."""
+    import msgpack
+
+    try:
+        value = msgpack.unpackb(original, raw=False)
+    except ValueError:  # a token: raw bytes, not msgpack
+        value = None
+
+    def replaced(path_and_new):
+        path, new = path_and_new
+        copy = msgpack.unpackb(original, raw=False)
+        target = copy
+        for key in path[:-1]:
+            target = target[key]
+        target[path[-1]] = new
+        return msgpack.packb(copy, use_bin_type=True)
+
+    paths = []
+
+    def walk(node, path):
+        if isinstance(node, dict):
+            for key, child in node.items():
+                paths.append(path + [key])
+                walk(child, path + [key])
+
+    walk(value, [])
+    strategies = [st.binary(max_size=256), msgpack_values.map(lambda v: msgpack.packb(v, use_bin_type=True))]
+    if paths:
+        strategies.append(st.tuples(st.sampled_from(paths), msgpack_values).map(replaced))
+    def differs(data: bytes) -> bool:  # in value, not only in bytes (1 and True are equal in Python)
+        try:
+            return msgpack.unpackb(data, raw=False) != value
+        except Exception:
+            return data != original
+
+    return st.one_of(strategies).filter(differs)
+
+
+@fuzz_settings(EXAMPLES * 2)
+@given(st.data())
+def test_any_bytes_in_any_stored_field_give_409_or_410(function, stored, data):
+    request, fields = stored
+    name = data.draw(st.sampled_from(["hdr", "cond", "s:3", "p:1", "p:3", "m:2", "m:3"]), label="field")
+    saved = dict(fields)
+    fields[name] = corrupt = data.draw(corruptions(saved[name]))
+    event(f"{name}: {len(corrupt)} bytes")
+    try:
+        status, answer = function.call(request)
+    finally:
+        fields.clear()
+        fields.update(saved)
+    assert status in (409, 410), (status, answer)
+    assert "states[0]" in answer["error"] and "re-initialize" in answer["error"]
+
+
+def test_a_corrupt_stored_answer_names_the_object(function, stored):
+    request, fields = stored
+    saved = dict(fields)
+    try:
+        status, first = function.call(request)  # frame 4 tracked: its answer is kept for retries
+        assert status == 200
+        fields["o:4"] = b"\xc1"  # a byte msgpack never writes
+        status, answer = function.call(request)  # the retry reads the stored answer
+    finally:
+        fields.clear()
+        fields.update(saved)
+    assert status == 410, answer
+    assert "states[0]" in answer["error"] and "re-initialize" in answer["error"]
