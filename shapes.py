@@ -23,9 +23,11 @@ from errors import BadRequest
 SHAPE_TYPES = ("mask", "polygon", "rectangle")
 
 
-# Polygon vertices beyond this distance from the frame are refused: they are no annotation, and
-# OpenCV's fill works on 32-bit integer coordinates.
-MAX_POLYGON_REACH = 1 << 20
+# Polygon vertices further than this outside the frame are refused. A polygon is filled on a
+# canvas that holds all of it (OpenCV clips a polygon that overflows its canvas by moving its
+# edges, which changes pixels well inside), so this bounds that canvas: for an 8K frame, about
+# 9700 x 6400 bytes, one polygon at a time.
+MAX_POLYGON_REACH = 1024
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -46,7 +48,10 @@ class Prompt:
     def mask(self) -> Optional[np.ndarray]:
         """The prompt's pixels as a [height, width] bool array (None for a rectangle)."""
         if self.polygon is not None:
-            return _fill_polygon(self.polygon, left=0, top=0, width=self.width, height=self.height)
+            pixels, left, top = _polygon_in_frame(self.polygon, width=self.width, height=self.height)
+            mask = np.zeros((self.height, self.width), dtype=bool)
+            mask[top : top + pixels.shape[0], left : left + pixels.shape[1]] = pixels
+            return mask
         if self.runs is None:
             return None
         left, top, right, bottom = self.mask_box
@@ -103,31 +108,35 @@ def _decode_rectangle(points: np.ndarray, *, width: int, height: int, field: str
 def _decode_polygon(points: np.ndarray, *, width: int, height: int, field: str) -> np.ndarray:
     """The polygon's vertices, refused if it has no pixel inside the frame.
 
-    The prompt is the polygon filled on an unbounded plane, then cropped to the frame: vertices
-    past the frame's edge (annotators often drag them there) are not moved, since moving them
-    would change the polygon's shape. OpenCV's fill clips to its canvas exactly like that.
+    The prompt is the polygon filled as if on an unbounded plane, then cropped to the frame:
+    vertices past the frame's edge (annotators often drag them there) are not moved, since that
+    would change the polygon's shape.
     """
     if points.size % 2 or points.size < 6:
         raise BadRequest(f"{field}.points of a polygon must hold at least 3 (x, y) pairs")
     reach = MAX_POLYGON_REACH
-    if (points < -reach).any() or (points[0::2] > width + reach).any() or (points[1::2] > height + reach).any():
-        raise BadRequest(f"{field} has a polygon vertex more than {reach} pixels outside the frame")
+    xs, ys = points[0::2], points[1::2]
+    if xs.min() < -reach or ys.min() < -reach or xs.max() > width - 1 + reach or ys.max() > height - 1 + reach:
+        raise BadRequest(f"{field} has a polygon vertex more than {reach} pixels outside the {width}x{height} frame")
     xy = np.round(points.reshape(-1, 2)).astype(np.int32)
-    # Rasterise only where the polygon's box meets the frame, to check it covers a pixel there.
-    left, top = max(int(xy[:, 0].min()), 0), max(int(xy[:, 1].min()), 0)
-    right, bottom = min(int(xy[:, 0].max()), width - 1), min(int(xy[:, 1].max()), height - 1)
-    if left > right or top > bottom or not _fill_polygon(
-        xy, left=left, top=top, width=right - left + 1, height=bottom - top + 1
-    ).any():
+    if not _polygon_in_frame(xy, width=width, height=height)[0].any():
         raise BadRequest(f"{field} is a polygon with no pixel inside the {width}x{height} frame (it lies outside)")
     return xy
 
 
-def _fill_polygon(xy: np.ndarray, *, left: int, top: int, width: int, height: int) -> np.ndarray:
-    """The pixels of the polygon `xy` in the window [left, left + width) x [top, top + height)."""
-    canvas = np.zeros((height, width), dtype=np.uint8)
-    cv2.fillPoly(canvas, [xy - np.array([left, top], dtype=np.int32)], 1)
-    return canvas.astype(bool)
+def _polygon_in_frame(xy: np.ndarray, *, width: int, height: int) -> tuple[np.ndarray, int, int]:
+    """(pixels, left, top): the polygon's pixels within the frame, over the part of the frame
+    that its bounding box covers, whose top-left corner is (left, top)."""
+    origin = xy.min(axis=0)
+    size = xy.max(axis=0) - origin + 1
+    canvas = np.zeros((size[1], size[0]), dtype=np.uint8)  # holds the whole polygon
+    cv2.fillPoly(canvas, [xy - origin], 1)
+    left, top = max(int(origin[0]), 0), max(int(origin[1]), 0)
+    right, bottom = min(int(origin[0] + size[0]), width), min(int(origin[1] + size[1]), height)
+    if left >= right or top >= bottom:
+        return np.zeros((0, 0), dtype=bool), 0, 0
+    crop = canvas[top - origin[1] : bottom - origin[1], left - origin[0] : right - origin[0]]
+    return crop.astype(bool), left, top
 
 
 def _decode_mask(points: np.ndarray, *, width: int, height: int, field: str):

@@ -6,6 +6,9 @@ what the function answers is always a shape it would accept back.
 
 import math
 
+import pytest
+
+import cv2
 import numpy as np
 from cvat_sdk import masks as cvat
 from hypothesis import HealthCheck, assume, given, settings
@@ -13,9 +16,12 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
 from errors import BadRequest
-from shapes import SHAPE_TYPES, decode_shape, encode_shape
+from shapes import MAX_POLYGON_REACH, SHAPE_TYPES, decode_shape, encode_shape
 
-settings.register_profile("shapes", max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# derandomize: CI sees the same examples on every run.
+settings.register_profile(
+    "shapes", max_examples=200, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow]
+)
 PROPERTY = settings.get_profile("shapes")
 
 sizes = st.tuples(st.integers(1, 48), st.integers(1, 48))  # width, height
@@ -166,9 +172,50 @@ def test_polygon_of_a_box_covers_exactly_its_pixels(size, data):
     assert np.array_equal(decode({"type": "polygon", "points": ring}, width, height).mask, expected)
 
 
+def padded_fill(points, width: int, height: int) -> np.ndarray:
+    """An independent rasterisation: the polygon filled on a canvas three frames wide and high,
+    with the frame in the middle, then cropped to the frame."""
+    xy = np.round(np.asarray(points, dtype=np.float64).reshape(-1, 2)).astype(np.int32) + [width, height]
+    canvas = np.zeros((3 * height, 3 * width), dtype=np.uint8)
+    cv2.fillPoly(canvas, [xy.astype(np.int32)], 1)
+    return canvas[height : 2 * height, width : 2 * width].astype(bool)
+
+
+@PROPERTY
+@given(sizes, st.data())
+def test_polygon_crossing_the_frame_edges_is_filled_then_cropped(size, data):
+    # Vertices up to a frame's width or height beyond each edge, as annotators drag them.
+    width, height = size
+    n = data.draw(st.integers(3, 8))
+    xs = data.draw(st.lists(st.integers(-width, 2 * width - 1), min_size=n, max_size=n))
+    ys = data.draw(st.lists(st.integers(-height, 2 * height - 1), min_size=n, max_size=n))
+    points = [v for xy in zip(xs, ys) for v in xy]
+    expected = padded_fill(points, width, height)
+    prompt = decode_or_refuse({"type": "polygon", "points": points}, width, height)
+    if expected.any():
+        assert prompt is not None and np.array_equal(prompt.mask, expected)
+    else:  # no pixel inside the frame: refused
+        assert prompt is None
+
+
+def test_a_triangle_past_the_right_edge_keeps_its_shape():
+    width, height = 160, 120
+    points = [0, 0, 300, 60, 0, 119]
+    mask = decode({"type": "polygon", "points": points}, width, height).mask
+    assert np.array_equal(mask, padded_fill(points, width, height))
+    # Moving the far vertex onto the edge, to (159, 60), would lose the pixels near the right edge
+    # above and below the middle row.
+    assert mask[40, 150] and mask[80, 150]
+
+
+def test_a_polygon_with_no_pixel_in_the_frame_is_refused():
+    # Its box overlaps the frame's corner, but the polygon itself stays outside.
+    assert decode_or_refuse({"type": "polygon", "points": [-50, 30, 30, -50, -50, -50]}, 160, 120) is None
+
+
 @PROPERTY
 @given(sizes, st.lists(finite, min_size=6, max_size=16).filter(lambda p: len(p) % 2 == 0))
-def test_polygon_vertices_anywhere_are_clipped_into_the_frame(size, points):
+def test_polygon_vertices_anywhere_decode_or_get_a_400(size, points):
     width, height = size
     prompt = decode_or_refuse({"type": "polygon", "points": points}, width, height)
     if prompt is not None:
@@ -238,3 +285,10 @@ def test_any_json_as_a_shape_decodes_or_gets_a_400(size, shape):
     prompt = decode_or_refuse(shape, *size)
     if prompt is not None and prompt.mask is not None:
         assert prompt.mask.shape == (size[1], size[0]) and prompt.mask.any()
+
+
+def test_a_polygon_vertex_far_outside_the_frame_is_refused():
+    inside = [10, 10, 100, 10, 100 + MAX_POLYGON_REACH, 60]
+    assert decode({"type": "polygon", "points": inside}, 160, 120).mask.any()
+    with pytest.raises(BadRequest, match=f"more than {MAX_POLYGON_REACH} pixels outside"):
+        decode({"type": "polygon", "points": [10, 10, 100, 10, 160 + MAX_POLYGON_REACH, 60]}, 160, 120)
