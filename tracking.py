@@ -197,12 +197,15 @@ class TrackingService:
     def _write(self, answers: list[_Answer]) -> None:
         created = []
         try:
-            for answer in answers:
+            for index, answer in enumerate(answers):
                 if answer.create is not None:
                     self.store.create(answer.ref.id, answer.create)
                     created.append(answer.ref.id)
                 elif answer.commit is not None:
-                    self.store.commit(answer.ref.id, **answer.commit)
+                    try:
+                        self.store.commit(answer.ref.id, **answer.commit)
+                    except (StateNotFound, StateConflict) as e:  # name the object
+                        raise type(e)(f"states[{index}]: {e}") from None
         except BaseException:
             # A retry starts new sessions for these objects: delete the ones started here, so
             # they neither linger until their TTL nor push live sessions out of a bounded store.

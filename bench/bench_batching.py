@@ -28,7 +28,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [os.path.dirname(HERE), os.path.join(os.path.dirname(HERE), "tests")]
 
 from bench_handler import STEADY_FROM, machine  # noqa: E402
-from support import CONFIG, autocast, grid_masks, iou, make_checkpoint, make_frames, official_masks  # noqa: E402
+from support import CONFIG, grid_masks, iou, make_checkpoint, make_frames, official_masks  # noqa: E402
 
 from config import Settings  # noqa: E402
 from model_handler import FrameMemory, load_tracker  # noqa: E402

@@ -4,7 +4,6 @@
 state store (so its own cache). `ReplicaProcess`: `python server.py` in a separate process.
 """
 
-import base64
 import dataclasses
 import json
 import os
@@ -17,16 +16,10 @@ import urllib.request
 
 import nuclio_sdk
 
-from support import ROOT, Function
+from support import ROOT, Function, body  # noqa: F401 - body: for the modules importing it from here
 from redis_server import free_port
 from state_store import make_store
 from tracking import TrackingService
-
-
-def body(image: bytes, *, shapes=None, states=None) -> dict:
-    """CVAT's request: initialising with `shapes`, or continuing from `states`."""
-    n = len(states) if states else len(shapes)
-    return {"image": base64.b64encode(image).decode(), "shapes": shapes or [None] * n, "states": states or []}
 
 
 class Replica(Function):

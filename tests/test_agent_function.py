@@ -116,12 +116,16 @@ def assert_same_masks(ours: list[list[np.ndarray]], expected: list[list[np.ndarr
     assert len(set(areas)) > 1
 
 
-def test_spec_declares_masks_polygons_and_rectangles():
-    assert isinstance(cvat_agent_function.spec, cvataa.TrackingFunctionSpec)
-    assert cvat_agent_function.spec.supported_shape_types == {"mask", "polygon", "rectangle"}
-    assert cvat_agent_function.create.spec is cvat_agent_function.spec
-    # The spec's validator accepts only CVAT shape types; building it again re-runs the check.
-    cvataa.TrackingFunctionSpec(supported_shape_types=cvat_agent_function.spec.supported_shape_types)
+def test_cvat_registers_a_tracker_of_masks_polygons_and_rectangles():
+    # What cvat-cli's agent tells CVAT about the function when it registers it.
+    pytest.importorskip("cvat_cli")
+    from cvat_cli._internal import agent
+
+    driver = agent.get_function_driver_class(cvat_agent_function.spec)
+    assert driver.FUNCTION_KIND == "tracker"
+    assert driver.get_remote_function_fields(cvat_agent_function.spec) == {
+        "supported_shape_types": ["mask", "polygon", "rectangle"]
+    }
 
 
 def test_mask_prompts_match_official_predictor(mask_session, official_from_masks):

@@ -81,6 +81,36 @@ def test_mask_prompts_four_objects(handler_on, frames, official_four):
     assert_same_masks(got, official_four)
 
 
+def test_box_prompts(handler_on, checkpoint, frames, device, answered_masks):
+    ours = run_function(handler_on, frames, [{"type": "rectangle", "points": b} for b in FIRST_BOXES])
+    assert all(s["type"] == "rectangle" for shapes in ours for s in shapes)
+    official = official_masks(checkpoint, frames, boxes=FIRST_BOXES, device=device)
+    assert_same_masks(per_frame(answered_masks, 2), official)
+    # The rectangles answered are those masks' bounding boxes.
+    assert [[s["points"] for s in shapes] for shapes in ours] == [[bounding_box(m) for m in f] for f in official]
+
+
+def test_polygon_prompts(handler_on, checkpoint, frames, device, answered_masks):
+    polygons = [[22, 50, 40, 30, 58, 48, 44, 70], [96, 60, 124, 56, 116, 86]]
+    shapes = [{"type": "polygon", "points": p} for p in polygons]
+    ours = run_function(handler_on, frames, shapes)
+    assert all(s is None or s["type"] == "polygon" for f in ours for s in f)
+    # The official predictor has no polygon prompt: it gets the polygon's pixels as a mask.
+    masks = [decode_shape(s, width=FRAME_W, height=FRAME_H, field="s").mask for s in shapes]
+    assert_same_masks(per_frame(answered_masks, 2), official_masks(checkpoint, frames, masks=masks, device=device))
+
+
+def test_prompt_mask_with_small_holes(handler_on, checkpoint, frames, device):
+    # Holes of a few pixels are what fill_hole_area=8 fills (with sam2's CUDA extension).
+    mask = np.zeros((FRAME_H, FRAME_W), dtype=bool)
+    mask[25:80, 15:70] = True
+    for y, x in [(35, 25), (40, 50), (60, 30), (70, 60), (50, 40)]:
+        mask[y : y + 2, x : x + 2] = False
+    ours = run_function(handler_on, frames, [mask_shape(mask)])
+    got = [[answer_mask(s, width=FRAME_W, height=FRAME_H) for s in shapes] for shapes in ours]
+    assert_same_masks(got, official_masks(checkpoint, frames, masks=[mask], device=device))
+
+
 # An object that leaves and comes back. The frames show a disc on frames 0-7 and 14-23 and a flat
 # grey picture in between. The checkpoint's object-score head is scaled so that random weights
 # score the disc frames above 0 and the grey frames below (measured on the CPU: margins of 0.8

@@ -1,27 +1,18 @@
 """CVAT's tracker protocol through main.handler with the embedded store."""
 
-import base64
 import json
 
-import numpy as np
 import pytest
-from cvat_sdk.masks import decode_mask, encode_mask
+from cvat_sdk.masks import decode_mask
 
-from support import FIRST_BOXES, FRAME_H, FRAME_W, Function, first_masks, make_checkpoint, make_frames, model_env
+from support import (
+    FIRST_BOXES, FRAME_H, FRAME_W, Function, body, first_masks, make_checkpoint, make_frames, mask_shape, model_env,
+)
 
 
 @pytest.fixture(scope="module")
 def frames():
     return make_frames(6, seed=3)
-
-
-def body(image: bytes, *, shapes=None, states=None) -> dict:
-    n = len(states) if states else len(shapes)
-    return {"image": base64.b64encode(image).decode(), "shapes": shapes or [None] * n, "states": states or []}
-
-
-def mask_shape(mask):
-    return {"type": "mask", "points": encode_mask(mask)}
 
 
 def test_answers_one_shape_and_one_small_state_per_object_in_order(function, frames):

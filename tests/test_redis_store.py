@@ -1,7 +1,10 @@
 """The Redis store's contract on a real redis-server: the embedded store's contract, plus TTLs on
 every key, atomic writes, a per-replica cache that is never stale, and clear faults."""
 
+import signal
 import socket
+import subprocess
+import sys
 import time
 
 import pytest
@@ -10,6 +13,7 @@ from config import Settings
 from errors import StateConflict, StateNotFound, StoreUnavailable
 from redis_server import RedisServer, free_port, redis_server  # noqa: F401 - fixture
 from state_store import RedisStore, make_store
+from support import ROOT
 
 PREFIX = "test-sam2:"
 
@@ -129,16 +133,38 @@ def test_the_cache_is_bounded_in_bytes(server):
     assert sent_bytes(server) - before > 100_000  # least recently used: dropped, read again
 
 
-def test_a_replica_dying_mid_commit_leaves_the_previous_state(server):
+# A replica process running the store's real `commit`, killed (SIGKILL) once it has sent MULTI and
+# the queued writes but before EXEC: the death a crash or an OOM kill would cause.
+_DIES_INSIDE_COMMIT = """
+import os, signal, sys, time
+sys.path.insert(0, sys.argv[3])
+from redis.connection import Connection
+from config import Settings
+from state_store import RedisStore
+
+send = Connection.send_packed_command
+
+def dying(self, command, check_health=True):
+    data = b"".join(command) if isinstance(command, list) else command
+    if b"MULTI" in data:
+        send(self, [data[: data.rindex(b"*1\\r\\n$4\\r\\nEXEC\\r\\n")]], check_health)
+        time.sleep(0.3)  # the server reads MULTI and queues the writes
+        os.kill(os.getpid(), signal.SIGKILL)
+    return send(self, command, check_health)
+
+Connection.send_packed_command = dying
+store = RedisStore.from_settings(Settings(redis_host="127.0.0.1", redis_port=int(sys.argv[1]), state_prefix=sys.argv[2]))
+store.commit("a", guard=("s:1", b"t1"), put={"m:1": b"x" * 10000}, delete=["s:0"])
+"""
+
+
+def test_a_replica_killed_inside_a_commit_leaves_the_previous_state(server):
     store = make(server)
     store.create("a", {"s:0": b"t0"})
-    # What a commit sends after its check, cut off before EXEC arrives: the connection drops.
-    key = f"{PREFIX}a".encode()
-    commands = [[b"MULTI"], [b"HSET", key, b"s:1", b"t1", b"m:1", b"x" * 10000], [b"EXPIRE", key, b"100"], [b"EXEC"]]
-    wire = b"".join(b"*%d\r\n" % len(c) + b"".join(b"$%d\r\n%s\r\n" % (len(a), a) for a in c) for c in commands)
-    with socket.create_connection(("127.0.0.1", server.port)) as s:
-        s.sendall(wire[: wire.index(b"EXEC") - 8])
-        s.recv(100)  # MULTI's OK: the server has read that far
+    child = subprocess.run(
+        [sys.executable, "-c", _DIES_INSIDE_COMMIT, str(server.port), PREFIX, ROOT], capture_output=True, text=True
+    )
+    assert child.returncode == -signal.SIGKILL, child.stderr  # it died inside commit, before EXEC
     assert make(server).read("a", ["s:0", "s:1", "m:1"]) == {"s:0": b"t0"}
     assert store.commit("a", guard=("s:1", b"t1"), put={"m:1": b"y"}) is True
     assert make(server).read("a", ["s:1", "m:1"]) == {"s:1": b"t1", "m:1": b"y"}
