@@ -20,7 +20,8 @@ import PIL.Image
 
 from config import Settings
 from errors import BadRequest, PayloadTooLarge
-from tracking import STATE_VERSION, ObjectRequest, StateRef
+from state_codec import FORMAT_VERSION
+from tracking import ObjectRequest, StateRef
 
 _HEX32 = re.compile(r"[0-9a-f]{32}")
 _HEX16 = re.compile(r"[0-9a-f]{16}")
@@ -85,8 +86,8 @@ def parse_request(payload: dict, settings: Settings) -> TrackRequest:
 def parse_state(state: Any, index: int) -> StateRef:
     """A state this function issued (see tracking.StateRef); anything else is refused."""
     field = f"states[{index}]"
-    if not isinstance(state, dict) or state.get("v") != STATE_VERSION:
-        raise BadRequest(f"{field} is not a state issued by this tracker (version {STATE_VERSION}); re-initialize")
+    if not isinstance(state, dict) or state.get("v") != FORMAT_VERSION:
+        raise BadRequest(f"{field} is not a state issued by this tracker (version {FORMAT_VERSION}); re-initialize")
     sid, t, tok = state.get("id"), state.get("t"), state.get("tok")
     if not (isinstance(sid, str) and _HEX32.fullmatch(sid)):
         raise BadRequest(f"{field}.id must be 32 lowercase hex digits")

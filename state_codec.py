@@ -15,6 +15,7 @@ import torch
 from errors import StateConflict, StateNotFound
 from model_handler import FrameMemory
 
+# Of the stored state and of the reference CVAT carries (tracking.StateRef): they change together.
 FORMAT_VERSION = 1
 
 _DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}

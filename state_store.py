@@ -64,6 +64,60 @@ class StateStore(abc.ABC):
         """Release connections."""
 
 
+class _Lru:
+    """Items by key, least recently used first, with the bytes they hold summed: the one bound
+    both stores keep (the embedded store on its sessions, the Redis store on its cache)."""
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes = max_bytes
+        self._items: collections.OrderedDict[str, tuple[object, int]] = collections.OrderedDict()
+        self.bytes = 0
+
+    def get(self, key: str):
+        """The item, now the most recently used; None if absent."""
+        if key not in self._items:
+            return None
+        self._items.move_to_end(key)
+        return self._items[key][0]
+
+    def peek(self, key: str):
+        """The item, its place in the order unchanged; None if absent."""
+        item = self._items.get(key)
+        return None if item is None else item[0]
+
+    def keys(self) -> list[str]:
+        return list(self._items)
+
+    def put(self, key: str, value, size: int) -> None:
+        """Add or replace an item, as the most recently used."""
+        self.pop(key)
+        self._items[key] = (value, size)
+        self.bytes += size
+
+    def pop(self, key: str):
+        value, size = self._items.pop(key, (None, 0))
+        self.bytes -= size
+        return value
+
+    def oldest(self) -> Optional[tuple[str, object]]:
+        if not self._items:
+            return None
+        key, (value, _) = next(iter(self._items.items()))
+        return key, value
+
+    def shrink(self, *, keep: Optional[str] = None) -> None:
+        """Drop the least recently used items until they fit, never `keep`."""
+        while self.bytes > self.max_bytes:
+            key, _ = self.oldest()
+            if key == keep:
+                return
+            self.pop(key)
+
+
+def _size(fields: Mapping[str, bytes]) -> int:
+    return sum(len(k) + len(v) for k, v in fields.items())
+
+
 class EmbeddedStore(StateStore):
     """Sessions in this process's memory; lost on restart, not shared between replicas.
 
@@ -75,50 +129,33 @@ class EmbeddedStore(StateStore):
 
     def __init__(self, *, ttl_s: float, max_bytes: int, clock=time.monotonic):
         self._ttl_s = ttl_s
-        self._max_bytes = max_bytes
         self._clock = clock
         self._lock = threading.Lock()
-        # id -> (expiry, fields); least recently used first
-        self._sessions: collections.OrderedDict[str, tuple[float, dict[str, bytes]]] = collections.OrderedDict()
-        self._bytes = 0
-
-    @staticmethod
-    def _size(fields: Mapping[str, bytes]) -> int:
-        return sum(len(k) + len(v) for k, v in fields.items())
+        self._sessions = _Lru(max_bytes)  # id -> [expiry, fields]
 
     def _live(self, session: str) -> dict[str, bytes]:
+        """The session's fields, its lifetime refreshed; expired sessions are dropped first."""
         now = self._clock()
-        while self._sessions:  # drop the expired ones, oldest first
-            oldest, (expiry, fields) = next(iter(self._sessions.items()))
-            if expiry > now:
-                break
-            self._drop(oldest)
-        if session not in self._sessions:
+        while (oldest := self._sessions.oldest()) is not None and oldest[1][0] <= now:
+            self._sessions.pop(oldest[0])
+        entry = self._sessions.get(session)
+        if entry is None:
             raise StateNotFound(f"tracking state {session} is unknown or has expired; re-initialize the object")
-        fields = self._sessions[session][1]
-        self._sessions[session] = (now + self._ttl_s, fields)
-        self._sessions.move_to_end(session)
-        return fields
+        entry[0] = now + self._ttl_s
+        return entry[1]
 
-    def _drop(self, session: str) -> None:
-        _, fields = self._sessions.pop(session)
-        self._bytes -= self._size(fields)
-
-    def _shrink(self, keep: str) -> None:
-        while self._bytes > self._max_bytes and next(iter(self._sessions)) != keep:
-            self._drop(next(iter(self._sessions)))
+    def _store(self, session: str, fields: dict[str, bytes]) -> None:
+        self._sessions.put(session, [self._clock() + self._ttl_s, fields], _size(fields))
+        self._sessions.shrink(keep=session)
 
     def create(self, session, fields):
         with self._lock:
-            self._sessions[session] = (self._clock() + self._ttl_s, dict(fields))
-            self._bytes += self._size(fields)
+            self._store(session, dict(fields))
             self._live(session)  # sweeps the expired ones
-            self._shrink(keep=session)
 
     def delete(self, session):
         with self._lock:
-            if session in self._sessions:
-                self._drop(session)
+            self._sessions.pop(session)
 
     def read(self, session, names):
         with self._lock:
@@ -135,13 +172,11 @@ class EmbeddedStore(StateStore):
                 raise StateConflict(
                     f"tracking state {session} was already advanced by another request; re-initialize the object"
                 )
-            before = self._size(fields)
             fields[name] = value
             fields.update(put)
             for victim in delete:
                 fields.pop(victim, None)
-            self._bytes += self._size(fields) - before
-            self._shrink(keep=session)
+            self._store(session, fields)
             return True
 
 
@@ -159,16 +194,13 @@ class _Entry:
     def __init__(self, gen: bytes, fields: dict[str, bytes]):
         self.gen = gen
         self.fields = fields
-        self.size = sum(len(k) + len(v) for k, v in fields.items())
 
 
 class _SessionCache:
     """Recently used sessions, least recently used dropped first, at most `max_bytes` of fields."""
 
     def __init__(self, max_bytes: int):
-        self._max_bytes = max_bytes
-        self._entries: collections.OrderedDict[str, _Entry] = collections.OrderedDict()
-        self._bytes = 0
+        self._entries = _Lru(max_bytes)
         self._lock = threading.Lock()
 
     def lookup(self, session: str, names: Sequence[str]) -> tuple[Optional[bytes], dict[str, bytes]]:
@@ -177,7 +209,6 @@ class _SessionCache:
             entry = self._entries.get(session)
             if entry is None:
                 return None, {}
-            self._entries.move_to_end(session)
             return entry.gen, {name: entry.fields[name] for name in names if name in entry.fields}
 
     def merge(self, session: str, gen: Optional[bytes], fields: Mapping[str, bytes]) -> None:
@@ -189,7 +220,7 @@ class _SessionCache:
             elif gen is not None:
                 self._set(session, _Entry(gen, dict(fields)))
             else:  # not a session this store wrote: nothing to key a cached copy on
-                self._discard(session)
+                self._entries.pop(session)
 
     def advance(self, session, *, previous, gen, put: Mapping[str, bytes], delete: Sequence[str]) -> None:
         """Apply this replica's own commit, which moved the session from `previous` to `gen`."""
@@ -204,22 +235,15 @@ class _SessionCache:
 
     def drop(self, session: str) -> None:
         with self._lock:
-            self._discard(session)
-
-    def _discard(self, session: str) -> None:
-        entry = self._entries.pop(session, None)
-        if entry is not None:
-            self._bytes -= entry.size
+            self._entries.pop(session)
 
     def _set(self, session: str, entry: _Entry) -> None:
-        self._discard(session)
-        if entry.size > self._max_bytes:
+        size = _size(entry.fields)
+        if size > self._entries.max_bytes:  # too big to cache at all
+            self._entries.pop(session)
             return
-        self._entries[session] = entry
-        self._bytes += entry.size
-        while self._bytes > self._max_bytes:
-            _, oldest = self._entries.popitem(last=False)
-            self._bytes -= oldest.size
+        self._entries.put(session, entry, size)
+        self._entries.shrink()
 
 
 class RedisStore(StateStore):
@@ -227,8 +251,8 @@ class RedisStore(StateStore):
 
     A session is one hash, `<prefix><id>`: its fields plus `#gen`. Every write sets the key's TTL
     in the same transaction and every read refreshes it, so no key lives without one and a
-    session lasts `ttl_s` after its last use. Only commands Kvrocks 2.7 has are sent (REFERENCE
-    §4): HMGET, HSET, HDEL, EXPIRE, WATCH, MULTI/EXEC and PING.
+    session lasts `ttl_s` after its last use. Only commands that Kvrocks 2.7, the Redis CVAT ships,
+    has are sent: HMGET, HSET, HDEL, DEL, EXPIRE (without NX/XX/GT/LT), WATCH, MULTI/EXEC and PING.
 
     A replica's cached copy of a session is current while `#gen` is the one it last saw. Fields
     are write-once, so then only the fields it lacks are read; when another replica has written

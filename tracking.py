@@ -30,11 +30,8 @@ from typing import Optional, Union
 from errors import BadRequest, StateConflict, StateNotFound
 from model_handler import Frame, FrameMemory, Sam2Tracker
 from shapes import Prompt, decode_shape, encode_shape
-from state_codec import MemoryCodec, decode_header, decode_output, encode_header, encode_output
+from state_codec import FORMAT_VERSION, MemoryCodec, decode_header, decode_output, encode_header, encode_output
 from state_store import StateStore
-
-STATE_VERSION = 1  # of the reference CVAT carries; the stored format has its own (state_codec)
-
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class StateRef:
@@ -45,7 +42,7 @@ class StateRef:
     tok: str  # token of that frame
 
     def to_json(self) -> dict:
-        return {"v": STATE_VERSION, "id": self.id, "t": self.t, "tok": self.tok}
+        return {"v": FORMAT_VERSION, "id": self.id, "t": self.t, "tok": self.tok}
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

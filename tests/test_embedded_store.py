@@ -63,3 +63,24 @@ def test_least_recently_used_sessions_are_dropped_past_the_byte_bound():
     with pytest.raises(StateNotFound):
         store.read("c", ["x"])
     assert store.read("b", ["x"]) and store.read("d", ["x"])
+
+
+def test_creating_an_existing_session_again_counts_its_bytes_once():
+    store = EmbeddedStore(ttl_s=10, max_bytes=2500)
+    store.create("a", {"x": bytes(1000)})
+    store.create("b", {"x": bytes(1000)})
+    for _ in range(5):
+        store.create("b", {"x": bytes(1000)})  # a retried start: replaced, not added
+    assert store.read("a", ["x"]) and store.read("b", ["x"])  # 2000 bytes held, under the bound
+
+
+def test_deleted_sessions_are_gone_and_free_their_bytes():
+    store = EmbeddedStore(ttl_s=10, max_bytes=2500)
+    store.create("a", {"x": bytes(1000)})
+    store.create("b", {"x": bytes(1000)})
+    store.delete("b")
+    store.delete("nothing")  # deleting an unknown session is no error
+    with pytest.raises(StateNotFound):
+        store.read("b", ["x"])
+    store.create("c", {"x": bytes(1000)})
+    assert store.read("a", ["x"]) and store.read("c", ["x"])

@@ -124,7 +124,7 @@ def test_sessions_started_by_a_request_that_fails_are_deleted(function, server, 
 def test_a_failed_start_leaves_no_session_in_the_embedded_store(function, frames, monkeypatch):
     service = function.context.user_data.service
     store = service.store
-    sessions = dict(store._sessions)
+    sessions = store._sessions.keys()
     create = store.create
     created = []
 
@@ -137,5 +137,5 @@ def test_a_failed_start_leaves_no_session_in_the_embedded_store(function, frames
     monkeypatch.setattr(store, "create", fails_second)
     status, _ = function.call(body(frames[0], shapes=[mask_shape(m) for m in first_masks()]))
     assert status == 500
-    assert len(created) == 1 and created[0] not in store._sessions
-    assert store._sessions.keys() == sessions.keys()
+    assert len(created) == 1 and store._sessions.peek(created[0]) is None
+    assert store._sessions.keys() == sessions

@@ -266,7 +266,7 @@ def stored(function):
         states = function.track(frame, states=states)["states"]
     request = {"image": base64.b64encode(frames[4]).decode(), "shapes": [None], "states": states}
     store = function.context.user_data.service.store
-    return request, store._sessions[states[0]["id"]][1]  # the session's fields, to corrupt in place
+    return request, store._sessions.peek(states[0]["id"])[1]  # the session's fields, to corrupt in place
 
 
 def corruptions(original: bytes) -> st.SearchStrategy:

@@ -140,7 +140,7 @@ def test_a_corrupt_stored_state_advances_no_object_of_the_request(function, fram
     states = function.track(frames[0], shapes=[mask_shape(m) for m in first_masks()])["states"]
     states = function.track(frames[1], states=states)["states"]
     store = function.context.user_data.service.store
-    store._sessions[states[1]["id"]][1]["m:1"] = b"\x00 not a memory"  # write-once API: go around it
+    store._sessions.peek(states[1]["id"])[1]["m:1"] = b"\x00 not a memory"  # write-once API: go around it
     status, answer = function.call(body(frames[2], states=states))
     assert status == 410 and "states[1]" in answer["error"]
     assert store.read(states[0]["id"], ["s:2"]) == {}  # the valid object did not advance either

@@ -1,8 +1,8 @@
 """Nuclio packaging: function.yaml, function-gpu.yaml, deploy_cpu.sh and deploy_gpu.sh.
 
 Nothing here needs Nuclio, Docker or a network. The YAML files are checked field by field against
-what CVAT and Nuclio read (REFERENCE.md §1 and §3); the deploy scripts run with a stub `nuctl`
-first on PATH that records its arguments and the files it was handed.
+what CVAT's lambda manager and Nuclio's Python wrapper read; the deploy scripts run with a stub
+`nuctl` first on PATH that records its arguments and the files it was handed.
 """
 
 import ast

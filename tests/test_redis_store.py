@@ -2,7 +2,6 @@
 every key, atomic writes, a per-replica cache that is never stale, and clear faults."""
 
 import signal
-import socket
 import subprocess
 import sys
 import time

@@ -16,7 +16,8 @@ from redis_server import redis_server  # noqa: F401 - fixture
 from replicas import Replica, body
 from state_codec import encode_header
 
-# REFERENCE §4: what Kvrocks 2.7.0 supports. EXPIRE without NX|XX|GT|LT is checked separately.
+# Commands Kvrocks 2.7.0 (CVAT's Redis) has, from its source; EXPIRE's NX|XX|GT|LT options, which it
+# lacks, are checked separately.
 KVROCKS_27 = {
     "PING", "GET", "SET", "MGET", "HSET", "HGET", "HMGET", "HGETALL", "HDEL", "DEL", "EXISTS",
     "EXPIRE", "PEXPIRE", "TTL", "MULTI", "EXEC", "WATCH", "EVAL", "EVALSHA",
