@@ -130,7 +130,7 @@ class Sam2Tracker:
     def init_with_mask(self, frame: Frame, mask: np.ndarray) -> Step:
         """Start an object from a [height, width] bool mask, as `add_new_mask` does."""
         with self._inference():
-            mask_input = torch.tensor(mask, dtype=torch.bool)[None, None].float().to(self.device)
+            mask_input = torch.from_numpy(np.asarray(mask, dtype=bool))[None, None].float().to(self.device)
             if mask_input.shape[-2:] != (self.image_size, self.image_size):
                 mask_input = F.interpolate(
                     mask_input,

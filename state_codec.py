@@ -138,8 +138,16 @@ def encode_output(shape: Optional[dict]) -> bytes:
     return _pack(shape)
 
 
-def decode_output(data: bytes) -> Optional[dict]:
+def decode_output(data: bytes, *, shape_type: str) -> Optional[dict]:
+    """A stored answer: None (the object was not found) or a shape of the object's type."""
     value = _unpack(data, "output shape")
-    if value is not None and not (isinstance(value, dict) and isinstance(value.get("points"), list)):
+    if value is None:
+        return None
+    points = value.get("points") if isinstance(value, dict) else None
+    if not (
+        isinstance(value, dict) and set(value) == {"type", "points"} and value["type"] == shape_type
+        and isinstance(points, list)
+        and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in points)
+    ):
         raise StateCorrupt("stored output shape is malformed; re-initialize the object")
     return value

@@ -54,8 +54,8 @@ class StateStore(abc.ABC):
         """
 
     @abc.abstractmethod
-    def delete(self, session: str) -> None:
-        """Remove a session, if it exists."""
+    def delete(self, *sessions: str) -> None:
+        """Remove sessions, those that exist, in one call."""
 
     def ping(self) -> None:
         """Raise StoreUnavailable if the store cannot be reached."""
@@ -153,9 +153,10 @@ class EmbeddedStore(StateStore):
             self._store(session, dict(fields))
             self._live(session)  # sweeps the expired ones
 
-    def delete(self, session):
+    def delete(self, *sessions):
         with self._lock:
-            self._sessions.pop(session)
+            for session in sessions:
+                self._sessions.pop(session)
 
     def read(self, session, names):
         with self._lock:
@@ -390,9 +391,10 @@ class RedisStore(StateStore):
         finally:
             pool.release(conn)
 
-    def delete(self, session):
-        self._cache.drop(session)
-        self._call(session, lambda: self._client.delete(self._prefix + session))
+    def delete(self, *sessions):
+        for session in sessions:
+            self._cache.drop(session)
+        self._call(None, lambda: self._client.delete(*(self._prefix + s for s in sessions)))
 
     def ping(self):
         self._call(None, self._client.ping)

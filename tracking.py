@@ -16,12 +16,14 @@ its answer stored) and let `commit` refuse a different request racing for the sa
 
 A request runs in three phases, so that a failure leaves as little as possible behind:
 1. validate every shape and state reference, without touching the store;
-2. per object: read its state, check it and compute its answer, one object at a time so that
-   memory stays bounded; nothing is written;
-3. write every object's new frame. If a write fails, the sessions this request created are
+2. check every continued object's stored header and tokens (small fields); then, one object at a
+   time, decode its memories and compute its answer, so that memory stays bounded; nothing is
+   written;
+3. write every object's new frame. If a write fails, the sessions this request started are
    deleted again; objects already advanced answer a retry of the same request from the store.
 """
 
+import contextlib
 import dataclasses
 import hashlib
 import secrets
@@ -92,19 +94,22 @@ class TrackingService:
         width, height = image.size
         todo = [self._validate(obj, index=i, width=width, height=height, frame_digest=frame_digest)
                 for i, obj in enumerate(objects)]
+        # Every continued object's state is checked before any model work; then one object's
+        # memories at a time are decoded, used and dropped.
+        checked = {i: self._check(item, index=i, width=width, height=height)
+                   for i, item in enumerate(todo) if isinstance(item, _Continue)}
         frame = None  # encoded once per request, and only if some object needs the model
         answers: list[_Answer] = []
         for i, item in enumerate(todo):
             if isinstance(item, _Start):
                 frame = frame or self.tracker.preprocess(image)
                 answers.append(self._start(item.prompt, frame))
-                continue
-            # One object's memories at a time: decoded here, dropped once its step is computed.
-            loaded = self._load(item, index=i, width=width, height=height)
-            if not isinstance(loaded, _Answer):  # not a retry of a step already written
+            elif isinstance(checked[i], _Answer):  # a retry of a step already written
+                answers.append(checked[i])
+            else:
+                prompt, recent = self._memories(item, index=i)
                 frame = frame or self.tracker.preprocess(image)
-                loaded = self._advance(item, *loaded, frame)
-            answers.append(loaded)
+                answers.append(self._advance(item, checked[i], prompt, recent, frame))
         self._write(answers)
         return {"shapes": [a.shape for a in answers], "states": [a.ref.to_json() for a in answers]}
 
@@ -132,16 +137,14 @@ class TrackingService:
                   "o:0": encode_output(shape)}
         return _Answer(shape=shape, ref=ref, create=fields)
 
-    def _load(self, item: _Continue, *, index: int, width: int, height: int) -> Union[_Answer, tuple]:
-        """A replayed answer, or (shape type, prompt memory, recent memories) to compute from."""
+    def _check(self, item: _Continue, *, index: int, width: int, height: int) -> Union[_Answer, str]:
+        """The object's stored header and tokens checked: its shape type, or the stored answer of a
+        retried step. Small fields only, so every object is checked before any model work."""
         ref, next_ref = item.ref, item.next_ref
         new = next_ref.t
-        pointer_frames, memory_frames = self.tracker.window(new)
-        names = ["hdr", "cond", f"s:{ref.t}", f"s:{new}", f"o:{new}"]
-        names += [f"p:{t}" for t in pointer_frames] + [f"m:{t}" for t in memory_frames]
-        try:
-            fields = self.store.read(ref.id, names)
-            if "hdr" not in fields or "cond" not in fields:
+        with _naming(index):
+            fields = self.store.read(ref.id, ["hdr", f"s:{ref.t}", f"s:{new}", f"o:{new}"])
+            if "hdr" not in fields:
                 raise StateConflict("it is incomplete in the store; re-initialize the object")
             header = decode_header(fields["hdr"], fingerprint=self.tracker.fingerprint)
             if (header["width"], header["height"]) != (width, height):
@@ -152,10 +155,21 @@ class TrackingService:
             if fields.get(f"s:{ref.t}") != ref.tok.encode():
                 raise StateConflict("it does not match the stored tracking state; re-initialize the object")
             stored_next = fields.get(f"s:{new}")
-            if stored_next is not None:
-                if stored_next != next_ref.tok.encode() or f"o:{new}" not in fields:
-                    raise StateConflict("it was already advanced by another request; re-initialize the object")
-                return _Answer(shape=decode_output(fields[f"o:{new}"]), ref=next_ref)  # a retry: same answer
+            if stored_next is None:
+                return header["type"]
+            if stored_next != next_ref.tok.encode() or f"o:{new}" not in fields:
+                raise StateConflict("it was already advanced by another request; re-initialize the object")
+            return _Answer(shape=decode_output(fields[f"o:{new}"], shape_type=header["type"]), ref=next_ref)
+
+    def _memories(self, item: _Continue, *, index: int) -> tuple[FrameMemory, dict[int, FrameMemory]]:
+        """The prompt frame's memory and the recent frames' memories the next frame reads, decoded."""
+        new = item.next_ref.t
+        pointer_frames, memory_frames = self.tracker.window(new)
+        names = ["cond"] + [f"p:{t}" for t in pointer_frames] + [f"m:{t}" for t in memory_frames]
+        with _naming(index):
+            fields = self.store.read(item.ref.id, names)
+            if "cond" not in fields:
+                raise StateConflict("it is incomplete in the store; re-initialize the object")
             recent = {}
             for t in pointer_frames:
                 if f"p:{t}" not in fields or (t in memory_frames and f"m:{t}" not in fields):
@@ -165,9 +179,7 @@ class TrackingService:
                     maskmem=None if mem is None else self.codec.decode_maskmem(mem),
                     obj_ptr=self.codec.decode_pointer(fields[f"p:{t}"]),
                 )
-            return header["type"], self.codec.decode_prompt(fields["cond"]), recent
-        except (StateNotFound, StateConflict, BadRequest) as e:  # name the object
-            raise type(e)(f"states[{index}]: {e}") from None
+            return self.codec.decode_prompt(fields["cond"]), recent
 
     def _advance(self, item: _Continue, shape_type: str, prompt: FrameMemory, recent: dict, frame: Frame) -> _Answer:
         new = item.next_ref.t
@@ -192,23 +204,31 @@ class TrackingService:
     # --- phase 3: write ------------------------------------------------------------------------
 
     def _write(self, answers: list[_Answer]) -> None:
-        created = []
+        started = []  # sessions this request may have created, the one whose write failed included
         try:
             for index, answer in enumerate(answers):
                 if answer.create is not None:
+                    started.append(answer.ref.id)
                     self.store.create(answer.ref.id, answer.create)
-                    created.append(answer.ref.id)
                 elif answer.commit is not None:
-                    try:
+                    with _naming(index):
                         self.store.commit(answer.ref.id, **answer.commit)
-                    except (StateNotFound, StateConflict) as e:  # name the object
-                        raise type(e)(f"states[{index}]: {e}") from None
         except BaseException:
             # A retry starts new sessions for these objects: delete the ones started here, so
             # they neither linger until their TTL nor push live sessions out of a bounded store.
-            for session in created:
+            # One call for all of them, so a store that hangs costs one more timeout, not one each.
+            if started:
                 try:
-                    self.store.delete(session)
+                    self.store.delete(*started)
                 except Exception:  # the store failing is likely why we are here; the TTL ends them
                     pass
             raise
+
+
+@contextlib.contextmanager
+def _naming(index: int):
+    """Errors about one object's state say which object: states[index]."""
+    try:
+        yield
+    except (StateNotFound, StateConflict, BadRequest) as e:
+        raise type(e)(f"states[{index}]: {e}") from None

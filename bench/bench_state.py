@@ -39,11 +39,11 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [os.path.dirname(HERE), os.path.join(os.path.dirname(HERE), "tests")]
 
 from config import Settings  # noqa: E402
-from support import Function, first_masks, make_checkpoint, make_frames, model_env  # noqa: E402
+from support import Function, body, first_masks, make_checkpoint, make_frames, model_env  # noqa: E402
 from cvat_sdk.masks import encode_mask  # noqa: E402
 from model_handler import Frame  # noqa: E402
 from redis_server import RedisServer  # noqa: E402
-from replicas import Replica, ReplicaProcess, body  # noqa: E402
+from replicas import Replica, ReplicaProcess  # noqa: E402
 from state_store import make_store  # noqa: E402
 from tracking import ObjectRequest, StateRef, TrackingService  # noqa: E402
 

@@ -15,16 +15,18 @@ if [ "${1:-}" = "--test" ]; then
     $sudo apt-get update -qq
     DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
   fi
-  requirements=requirements-test.txt
+  requirements="requirements-test.txt"
 else
   requirements=requirements.txt
 fi
 
 [ -x .venv/bin/python ] || python3 -m venv .venv
 pip=(.venv/bin/python -m pip install --quiet --disable-pip-version-check)
-# torch first and pinned: an unpinned torch pulls a multi-GB CUDA build. Set TORCH_SPEC to
-# choose another build, e.g. TORCH_SPEC="torch==2.5.1" on a CUDA machine.
-"${pip[@]}" "${TORCH_SPEC:-torch==2.13.0}"
+# torch first and pinned: an unpinned torch pulls a multi-GB CUDA build. The version is the one
+# the images ship (tests/test_packaging.py checks). TORCH_SPEC picks another build of it, e.g. on
+# a CUDA machine: TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128".
+read -ra torch_spec <<< "${TORCH_SPEC:-torch==2.13.0}"
+"${pip[@]}" "${torch_spec[@]}"
 "${pip[@]}" -r "$requirements"
 # sam2 without its dependencies: its torchvision pin serves only the image predictor, and
 # PyPI's torchvision does not import beside a CPU torch. No CUDA toolkit: skip the extension.

@@ -16,7 +16,7 @@ import urllib.request
 
 import nuclio_sdk
 
-from support import ROOT, Function, body  # noqa: F401 - body: for the modules importing it from here
+from support import ROOT, Function, body
 from redis_server import free_port
 from state_store import make_store
 from tracking import TrackingService

@@ -18,7 +18,10 @@ import pytest
 from cvat_sdk.masks import decode_mask, encode_mask
 
 import cvat_agent_function
-from support import CONFIG, FIRST_BOXES, FRAME_H, FRAME_W, OVERRIDES, ROOT, first_masks, make_checkpoint, make_frames
+from support import (
+    CONFIG, FIRST_BOXES, FRAME_H, FRAME_W, OVERRIDES, ROOT, assert_same_masks, bounding_box, first_masks,
+    make_checkpoint, make_frames,
+)
 from errors import BadRequest
 from model_handler import Frame
 from support import official_masks
@@ -70,11 +73,6 @@ def to_mask(shape) -> np.ndarray:
     return decode_mask(shape["points"], image_width=FRAME_W, image_height=FRAME_H)
 
 
-def bounding_box(mask: np.ndarray) -> list[int]:
-    ys, xs = np.nonzero(mask)
-    return [int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1]
-
-
 def mask_shapes() -> list[cvataa.TrackableShape]:
     return [cvataa.TrackableShape(type="mask", points=encode_mask(m)) for m in first_masks()]
 
@@ -102,18 +100,6 @@ def mask_session(agent_function, frames):
 @pytest.fixture(scope="module")
 def official_from_masks(checkpoint, frames):
     return official_masks(checkpoint, frames, masks=first_masks())[1:]
-
-
-def assert_same_masks(ours: list[list[np.ndarray]], expected: list[list[np.ndarray]]) -> None:
-    assert len(ours) == len(expected) == FRAMES - 1
-    for frame_idx, (ours_frame, expected_frame) in enumerate(zip(ours, expected), start=1):
-        assert len(ours_frame) == len(expected_frame) == 2
-        for obj, (got, want) in enumerate(zip(ours_frame, expected_frame)):
-            assert np.array_equal(got, want), (frame_idx, obj, int((got != want).sum()))
-    # Not vacuous: the objects are found and their masks change from frame to frame.
-    areas = [tuple(int(m.sum()) for m in frame) for frame in expected]
-    assert all(0 < a < FRAME_W * FRAME_H for frame in areas for a in frame)
-    assert len(set(areas)) > 1
 
 
 def test_cvat_registers_a_tracker_of_masks_polygons_and_rectangles():

@@ -69,13 +69,15 @@ def test_loading_on_a_real_gpu_makes_it_current(settings):
     assert torch.cuda.current_device() == index
 
 
-def test_fingerprint_covers_device_type_and_precision():
-    args = ("configs/sam2.1/sam2.1_hiera_t.yaml", ("++model.image_size=256",), "digest")
-    cpu = model_fingerprint(*args, torch.device("cpu"))
-    assert cpu == model_fingerprint(*args, torch.device("cpu"))
-    assert model_fingerprint(*args, torch.device("cuda", 0)) != cpu
+def test_fingerprint_covers_device_type_and_precision(settings, tracker):
+    # The loaded tracker's own config, overrides and weights; only the device changes.
+    digest = model_handler._file_digest(settings.checkpoint)
+    args = (settings.config, settings.config_overrides, digest)
+    assert model_fingerprint(*args, torch.device("cpu")) == tracker.fingerprint
+    on_gpu = model_fingerprint(*args, torch.device("cuda", 0))
+    assert on_gpu != tracker.fingerprint
     # The GPU index is not part of it: a state moves freely between replicas on different GPUs.
-    assert model_fingerprint(*args, torch.device("cuda", 0)) == model_fingerprint(*args, torch.device("cuda", 1))
+    assert model_fingerprint(*args, torch.device("cuda", 1)) == on_gpu
 
 
 def test_a_state_made_on_another_device_must_be_reinitialized(function):
@@ -84,7 +86,9 @@ def test_a_state_made_on_another_device_must_be_reinitialized(function):
     states = function.track(frames[0], shapes=[mask_shape(first_masks()[0])])["states"]
     service = function.context.user_data.service
     on_gpu = copy.copy(service.tracker)
-    on_gpu.fingerprint = model_fingerprint("c", (), "w", torch.device("cuda", 0))
+    settings = function.context.user_data.settings
+    digest = model_handler._file_digest(settings.checkpoint)
+    on_gpu.fingerprint = model_fingerprint(settings.config, settings.config_overrides, digest, torch.device("cuda"))
     replica = TrackingService(on_gpu, service.store, polygon_tolerance=1.0)
     function.context.user_data.service = replica
     try:

@@ -19,7 +19,7 @@ import tracking
 from model_handler import FrameMemory
 from shapes import decode_shape
 from support import (
-    FIRST_BOXES, FRAME_H, FRAME_W, NO_CUDA, Function, jpeg, answer_mask, assert_same_masks, first_masks,
+    FIRST_BOXES, FRAME_H, FRAME_W, NO_CUDA, Function, answer_mask, assert_same_masks, bounding_box, first_masks, jpeg,
     grid_masks, make_checkpoint, make_frames, mask_shape, model_env, official_masks, run_function,
 )
 
@@ -100,15 +100,23 @@ def test_polygon_prompts(handler_on, checkpoint, frames, device, answered_masks)
     assert_same_masks(per_frame(answered_masks, 2), official_masks(checkpoint, frames, masks=masks, device=device))
 
 
-def test_prompt_mask_with_small_holes(handler_on, checkpoint, frames, device):
-    # Holes of a few pixels are what fill_hole_area=8 fills (with sam2's CUDA extension).
+def test_prompt_mask_with_small_holes(handler_on, checkpoint, frames, device, monkeypatch):
+    # Holes of a few low-resolution pixels are what fill_hole_area=8 fills (sam2's CUDA extension).
     mask = np.zeros((FRAME_H, FRAME_W), dtype=bool)
     mask[25:80, 15:70] = True
-    for y, x in [(35, 25), (40, 50), (60, 30), (70, 60), (50, 40)]:
-        mask[y : y + 2, x : x + 2] = False
+    for y, x, size in [(35, 25, 2), (40, 50, 5), (60, 30, 5), (70, 60, 2), (50, 40, 5)]:
+        mask[y : y + size, x : x + size] = False
     ours = run_function(handler_on, frames, [mask_shape(mask)])
     got = [[answer_mask(s, width=FRAME_W, height=FRAME_H) for s in shapes] for shapes in ours]
-    assert_same_masks(got, official_masks(checkpoint, frames, masks=[mask], device=device))
+    official = official_masks(checkpoint, frames, masks=[mask], device=device)
+    assert_same_masks(got, official)
+    if device == "cuda":  # where the extension is built: hole filling took part, and mattered
+        import sam2.sam2_video_predictor
+
+        assert handler_on.context.user_data.service.tracker._fill_holes
+        monkeypatch.setattr(sam2.sam2_video_predictor, "fill_holes_in_mask_scores", lambda masks, area: masks)
+        unfilled = official_masks(checkpoint, frames, masks=[mask], device=device)
+        assert any(not np.array_equal(a[0], b[0]) for a, b in zip(unfilled, official))
 
 
 # An object that leaves and comes back. The frames show a disc on frames 0-7 and 14-23 and a flat
@@ -154,11 +162,6 @@ def test_object_that_disappears_and_comes_back(disappearing_checkpoint, device):
     assert [shapes[0] is None for shapes in ours] == [i in GONE for i in range(FRAMES)]
     got = [[answer_mask(s, width=FRAME_W, height=FRAME_H) for s in shapes] for shapes in ours]
     assert_same_masks(got, official)
-
-
-def bounding_box(mask: np.ndarray) -> list[int]:
-    ys, xs = np.nonzero(mask)
-    return [int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1]
 
 
 def track_with_core(tracker, frames, *, masks):

@@ -8,8 +8,8 @@ import hashlib
 import pytest
 
 from redis_server import redis_server  # noqa: F401 - fixture
-from replicas import Replica, body
-from support import FIRST_BOXES, first_masks, make_frames, mask_shape
+from replicas import Replica
+from support import FIRST_BOXES, body, first_masks, make_frames, mask_shape
 from tracking import _next_token
 
 

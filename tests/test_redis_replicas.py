@@ -9,9 +9,10 @@ import pytest
 from cvat_sdk.masks import encode_mask
 
 from redis_server import redis_server  # noqa: F401 - fixture
-from replicas import ReplicaProcess, body
+from replicas import ReplicaProcess
 from support import (
-    FRAME_H, FRAME_W, answer_mask, assert_same_masks, first_masks, make_frames, model_env, official_masks, run_function,
+    FRAME_H, FRAME_W, answer_mask, assert_same_masks, body, first_masks, make_frames, model_env, official_masks,
+    run_function,
 )
 
 FRAMES = 20
@@ -121,9 +122,9 @@ def test_a_replica_killed_mid_session_loses_nothing(replicas, frames, official):
     for i in range(1, 4):
         answer = (a, victim)[i % 2].track(frames[i], states=answer["states"])
         answers.append(answer["shapes"])
-    # The victim gets frame 4 with 40 more objects to start: seconds of work, all before any write.
-    extra = [{"type": "rectangle", "points": [i, i, 60 + i, 50 + i]} for i in range(40)]
-    payload = body(frames[4], shapes=[None, None] + extra, states=answer["states"] + [None] * 40)
+    # The victim gets frame 4 with 100 more objects to start: seconds of work, all before any write.
+    extra = [{"type": "rectangle", "points": [i % 40, i % 30, 60 + i % 40, 50 + i % 30]} for i in range(100)]
+    payload = body(frames[4], shapes=[None, None] + extra, states=answer["states"] + [None] * 100)
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         pending = pool.submit(victim.post, payload)
         time.sleep(1.0)  # the victim is computing

@@ -9,11 +9,10 @@ import uuid
 
 import msgpack
 import pytest
-from cvat_sdk.masks import encode_mask
 
-from support import FIRST_BOXES, Function, first_masks, make_frames
+from support import FIRST_BOXES, Function, body, first_masks, make_frames, mask_shape
 from redis_server import redis_server  # noqa: F401 - fixture
-from replicas import Replica, body
+from replicas import Replica
 from state_codec import encode_header
 
 # Commands Kvrocks 2.7.0 (CVAT's Redis) has, from its source; EXPIRE's NX|XX|GT|LT options, which it
@@ -32,10 +31,6 @@ def server(redis_server):  # noqa: F811
 
 def on_redis(function: Function, server, **settings) -> Replica:
     return Replica(function, redis_host="127.0.0.1", redis_port=server.port, **settings)
-
-
-def mask_shape(mask) -> dict:
-    return {"type": "mask", "points": encode_mask(mask)}
 
 
 class CommandLog:
