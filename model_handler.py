@@ -201,7 +201,7 @@ class Sam2Tracker:
 
         `recent` maps earlier frame indices to their memories: those `window(index)` names, with
         maskmem for the memory frames. This is one frame of `propagate_in_video` for one object;
-        objects are never batched (see the README's Performance section for why).
+        objects are never batched (see "Objects in one batch" in the README for why).
         """
 
         def entry(m: FrameMemory) -> dict:  # the shape track_step reads from output_dict
