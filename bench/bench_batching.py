@@ -35,22 +35,16 @@ from model_handler import FrameMemory, load_tracker  # noqa: E402
 
 
 def batched_frame(tracker, image, batch: int) -> dict:
-    """The image features expanded to `batch` objects, as the predictor's _get_image_feature does."""
-    model = tracker.model
-    size = tracker.image_size
-    import numpy as np
-
-    pixels = np.array(image.convert("RGB").resize((size, size))) / 255.0
-    img = torch.from_numpy(pixels).permute(2, 0, 1).to(torch.float32).contiguous().to(tracker.device)
-    img = (img - tracker._mean) / tracker._std
-    with tracker._inference():
-        out = model.forward_image(img.unsqueeze(0))
-        out = {
-            "backbone_fpn": [x.expand(batch, -1, -1, -1) for x in out["backbone_fpn"]],
-            "vision_pos_enc": [x.expand(batch, -1, -1, -1) for x in out["vision_pos_enc"]],
-        }
-        _, feats, pos, sizes = model._prepare_backbone_features(out)
-    return {"feats": feats, "pos": pos, "sizes": sizes, "width": image.width, "height": image.height}
+    """The function's own preprocessing, its features expanded to `batch` objects (the same values
+    and strides as expanding before _prepare_backbone_features, as the predictor does)."""
+    frame = tracker.preprocess(image)
+    return {
+        "feats": [x.expand(-1, batch, -1) for x in frame.vision_feats],
+        "pos": [x.expand(-1, batch, -1) for x in frame.vision_pos_embeds],
+        "sizes": frame.feat_sizes,
+        "width": frame.width,
+        "height": frame.height,
+    }
 
 
 def track_batched(tracker, frame: dict, *, index: int, prompt: FrameMemory, recent: dict) -> tuple:
