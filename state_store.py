@@ -26,6 +26,8 @@ from errors import StateConflict, StateNotFound, StoreUnavailable
 class StateStore(abc.ABC):
     """The seam between the tracker and wherever its sessions are kept."""
 
+    kind = "?"  # what the store is, for logs and health checks: "embedded", "redis", ...
+
     @abc.abstractmethod
     def create(self, session: str, fields: Mapping[str, bytes]) -> None:
         """Store a new session; its lifetime starts now."""
@@ -126,6 +128,8 @@ class EmbeddedStore(StateStore):
     410, re-initialize). Sessions are kept in order of last use, which is also the order in
     which they expire, so both bounds only ever drop from the front.
     """
+
+    kind = "embedded"
 
     def __init__(self, *, ttl_s: float, max_bytes: int, clock=time.monotonic):
         self._ttl_s = ttl_s
@@ -260,7 +264,10 @@ class RedisStore(StateStore):
     since, it reads everything again, because that replica may have deleted cached fields.
     """
 
-    def __init__(self, client: redis.Redis, *, prefix: str, ttl_s: int, cache_bytes: int, where: str):
+    def __init__(
+        self, client: redis.Redis, *, prefix: str, ttl_s: int, cache_bytes: int, where: str, kind: str = "redis"
+    ):
+        self.kind = kind  # "redis", "redis-sentinel" or "redis-cluster"
         self._client = client
         self._prefix = prefix  # one prefix for every key: Kvrocks before 2.15 ignores SELECT
         self._ttl_s = ttl_s
