@@ -17,9 +17,9 @@ import time
 from typing import Mapping, Optional, Sequence
 
 import redis
-from redis.backoff import NoBackoff
-from redis.retry import Retry
+from redis.exceptions import RedisClusterException
 
+import redis_client
 from errors import StateConflict, StateNotFound, StoreUnavailable
 
 
@@ -272,33 +272,19 @@ class RedisStore(StateStore):
         self._prefix = prefix  # one prefix for every key: Kvrocks before 2.15 ignores SELECT
         self._ttl_s = ttl_s
         self._cache = _SessionCache(cache_bytes)
-        self._where = where  # "Redis at host:port", for error messages
+        self.where = where  # "Redis at host:port", for messages
 
     @classmethod
     def from_settings(cls, settings) -> "RedisStore":
-        """The store with its connection pool; init_context builds one per worker process."""
-        pool = redis.ConnectionPool(
-            host=settings.redis_host,
-            port=settings.redis_port,
-            password=settings.redis_password,
-            # Bounded waits: a slow or unreachable Redis costs a request at most about this long.
-            socket_timeout=settings.redis_timeout_s,
-            socket_connect_timeout=settings.redis_timeout_s,
-            # A pooled connection that a Redis restart dropped is retried once on a fresh one;
-            # reads and `create` are idempotent. A commit is not retried here: a caller that
-            # retries the request gets the same answer (the guard). Timeouts are not retried.
-            retry=Retry(NoBackoff(), 1, supported_errors=(redis.ConnectionError,)),
-            retry_on_error=[redis.ConnectionError],
-            # redis-py would announce itself with CLIENT SETINFO, which Kvrocks 2.7 lacks.
-            lib_name=None,
-            lib_version=None,
-        )
+        """The store and its client; init_context builds one per worker process."""
+        client, where, kind = redis_client.connect(settings)
         return cls(
-            redis.Redis(connection_pool=pool),
+            client,
             prefix=settings.state_prefix,
             ttl_s=settings.state_ttl_s,
             cache_bytes=settings.cache_bytes,
-            where=f"Redis at {settings.redis_host}:{settings.redis_port}",
+            where=where,
+            kind=kind,
         )
 
     def create(self, session, fields):
@@ -376,6 +362,8 @@ class RedisStore(StateStore):
         Returns (values, EXEC's replies); the replies are None when the key changed after WATCH,
         in which case nothing was written. Two round trips; EXEC always ends the WATCH.
         """
+        if isinstance(self._client, redis.RedisCluster):
+            return self._watched_in_cluster(key, names, decide)
         pool = self._client.connection_pool
         conn = pool.get_connection("WATCH")
         try:
@@ -398,6 +386,21 @@ class RedisStore(StateStore):
         finally:
             pool.release(conn)
 
+    def _watched_in_cluster(self, key: str, names: list, decide) -> tuple[list, Optional[list]]:
+        """`_watched` through redis-py's cluster transaction, which finds the key's node (and
+        follows it when a slot moves): three round trips, WATCH and HMGET each taking one."""
+        with self._client.pipeline(transaction=True) as pipe:
+            pipe.watch(key)
+            values = pipe.hmget(key, names)
+            commands = decide(*values)
+            pipe.multi()
+            for command in commands:
+                pipe.execute_command(*command)
+            try:
+                return values, pipe.execute()
+            except redis.WatchError:
+                return values, None
+
     def delete(self, *sessions):
         for session in sessions:
             self._cache.drop(session)
@@ -413,22 +416,24 @@ class RedisStore(StateStore):
         """Run fn, turning Redis' errors into the tracker's own."""
         try:
             return fn()
+        except redis.AuthenticationError as e:
+            raise StoreUnavailable(f"state store ({self.where}) refused the user or password ({e})") from e
         except (redis.ConnectionError, redis.TimeoutError) as e:
             raise StoreUnavailable(
-                f"state store ({self._where}) is unreachable or did not answer in time ({e}); retry later"
+                f"state store ({self.where}) is unreachable or did not answer in time ({e}); retry later"
             ) from e
         except redis.ResponseError as e:
             if session is not None and "WRONGTYPE" in str(e):
                 raise StateNotFound(
                     f"tracking state {session} is not a tracking session in the store; re-initialize the object"
                 ) from e
-            raise StoreUnavailable(f"state store ({self._where}) refused a command ({e})") from e
-        except redis.RedisError as e:
-            raise StoreUnavailable(f"state store ({self._where}) failed ({e})") from e
+            raise StoreUnavailable(f"state store ({self.where}) refused a command ({e})") from e
+        except (redis.RedisError, RedisClusterException) as e:
+            raise StoreUnavailable(f"state store ({self.where}) failed ({e})") from e
 
 
 def make_store(settings) -> StateStore:
-    """The Redis store when CVAT_FUNCTIONS_REDIS_HOST is set, else the embedded one."""
-    if settings.redis_host:
+    """The Redis store when a Redis is configured (host, URL or Sentinels), else the embedded one."""
+    if settings.uses_redis:
         return RedisStore.from_settings(settings)
     return EmbeddedStore(ttl_s=settings.state_ttl_s, max_bytes=settings.cache_bytes)
