@@ -119,6 +119,12 @@ class Sam2Tracker:
                 "vision_pos_enc": [x.expand(1, -1, -1, -1) for x in backbone_out["vision_pos_enc"]],
             }
             _, feats, pos_embeds, feat_sizes = self.model._prepare_backbone_features(backbone_out)
+        if self.device.type == "cuda":
+            # Wait for the encoder here rather than at the first object's first host-to-device
+            # copy, which comes right after and waits for it anyway, so that the request log
+            # (tracking.RequestStats) counts the encoder's GPU time as the encoder's. Measured on
+            # an H100 (large model, 1024, 1, 4 and 16 objects): the same time per request without it.
+            torch.cuda.synchronize(self.device)
         return Frame(
             width=width,
             height=height,

@@ -8,20 +8,21 @@ Body: {"image": base64 JPEG/PNG, "shapes": [shape or null, ...], "states": [stat
 
 import base64
 import binascii
+import contextlib
 import dataclasses
 import hashlib
 import io
 import json
 import re
 import warnings
-from typing import Any
+from typing import Any, Optional
 
 import PIL.Image
 
 from config import Settings
 from errors import BadRequest, PayloadTooLarge
 from state_codec import FORMAT_VERSION
-from tracking import ObjectRequest, StateRef
+from tracking import ObjectRequest, RequestStats, StateRef
 
 _HEX32 = re.compile(r"[0-9a-f]{32}")
 _HEX16 = re.compile(r"[0-9a-f]{16}")
@@ -55,7 +56,8 @@ def parse_body(body: Any, *, max_bytes: int) -> dict:
     return body
 
 
-def parse_request(payload: dict, settings: Settings) -> TrackRequest:
+def parse_request(payload: dict, settings: Settings, stats: Optional[RequestStats] = None) -> TrackRequest:
+    """The request, validated and its image decoded (timed in `stats`, when given)."""
     shapes, states = payload.get("shapes"), payload.get("states", [])
     if shapes is None and isinstance(states, list) and states:
         shapes = [None] * len(states)  # continuing: some clients leave "shapes" out
@@ -79,7 +81,8 @@ def parse_request(payload: dict, settings: Settings) -> TrackRequest:
         if shape is None and state is None:
             raise BadRequest(f"shapes[{i}] is null and there is no states[{i}] to continue from")
         objects.append(ObjectRequest(shape=shape, state=None if shape is not None else parse_state(state, i)))
-    image, digest = decode_image(payload.get("image"), max_pixels=settings.max_image_pixels)
+    with stats.timed("decode") if stats is not None else contextlib.nullcontext():
+        image, digest = decode_image(payload.get("image"), max_pixels=settings.max_image_pixels)
     return TrackRequest(image=image, frame_digest=digest, objects=objects)
 
 

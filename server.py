@@ -25,6 +25,9 @@ import main
 def make_context(level: int = logging.INFO) -> nuclio_sdk.Context:
     logger = nuclio_sdk.Logger(level, name="sam2-tracker")
     logger.set_handler("stderr", sys.stderr, nuclio_sdk.logger.HumanReadableFormatter())
+    # Its lines (one per tracking request among them) go to this handler only: sam2 logs through
+    # the root logger, which then gets a handler of its own that would print each line again.
+    logging.getLogger("sam2-tracker").propagate = False
     return nuclio_sdk.Context(logger=logger)
 
 

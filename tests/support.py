@@ -107,6 +107,13 @@ def model_env(checkpoint: str, *, device: str = "cpu", overrides: Sequence[str] 
     }
 
 
+def _at_its_level(record: logging.LogRecord) -> bool:
+    # nuclio_sdk's Logger hands every record to the handlers whatever its level: keep the
+    # function's line per request (INFO) out of test and benchmark output unless a test asks for
+    # it (caplog.set_level(logging.INFO, logger="nuclio_sdk")).
+    return record.levelno >= logging.getLogger("nuclio_sdk").getEffectiveLevel()
+
+
 class Function:
     """The Nuclio function in-process: init_context once, then handler per event."""
 
@@ -120,6 +127,7 @@ class Function:
         os.environ.update(env)
         try:
             self.context = nuclio_sdk.Context(logger=nuclio_sdk.Logger(logging.WARNING))
+            logging.getLogger("nuclio_sdk").addFilter(_at_its_level)
             main.init_context(self.context)
         finally:
             for k, v in saved.items():
