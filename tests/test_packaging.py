@@ -236,10 +236,31 @@ def test_scaling_readiness_restarts_and_timeout(path):
     spec = load(path)["spec"]
     assert 1 <= spec["minReplicas"] < spec["maxReplicas"]  # several: the state is shared
     assert spec["readinessTimeoutSeconds"] >= 120  # a cold start loads torch and the weights
-    assert spec["platform"]["attributes"]["restartPolicy"]["name"] == "always"
-    assert spec["platform"]["attributes"]["restartPolicy"]["maximumRetryCount"] > 0
     timeout = re.fullmatch(r"(\d+)s", spec["eventTimeout"])
     assert timeout and 30 <= int(timeout.group(1)) <= CVAT_TIMEOUT_S
+
+
+@each_file
+def test_platform_attributes_are_only_ones_nuclio_reads(path):
+    # Nuclio's local platform decodes `network` and `restartPolicy` (pkg/platform/local/types.go);
+    # `mountMode` is ignored since 1.10.2 and Kubernetes reads none of them.
+    attributes = load(path)["spec"]["platform"]["attributes"]
+    assert set(attributes) <= {"network", "restartPolicy"}
+
+    def keys(node):
+        if isinstance(node, dict):
+            for key, value in node.items():
+                yield key
+                yield from keys(value)
+        elif isinstance(node, list):
+            for item in node:
+                yield from keys(item)
+
+    assert "mountMode" not in set(keys(load(path)))
+    policy = attributes["restartPolicy"]
+    assert policy["name"] == "always"
+    # pkg/dockerclient/shell.go passes the count to Docker only with "on-failure".
+    assert "maximumRetryCount" not in policy or policy["name"] == "on-failure"
 
 
 # --- CVAT's own deploy scripts -------------------------------------------------------------
@@ -442,3 +463,100 @@ def test_gpu_event_timeout_covers_the_worst_request_measured_with_room_for_slowe
     assert case["objects"] == 128 and case["frame_size"] == [3840, 2160] and "hiera_l" in case["model"]
     timeout_s = int(re.fullmatch(r"(\d+)s", load(GPU_YAML)["spec"]["eventTimeout"]).group(1))
     assert timeout_s * 1000 >= 5 * case["handler_ms_max"]
+
+
+# --- Kubernetes resources, and the versions of CVAT and Nuclio served ----------------------------
+
+MIB = 2**20
+# bench/bench_footprint.py, one worker of each build.
+FOOTPRINT = {CPU_YAML: "footprint.json", GPU_YAML: "footprint-cuda.json"}
+# The Nuclio release that first reads each setting (nuclio/nuclio: "Introduce python 3.10 and
+# python 3.11" is in 1.12.8; "Deprecate maxWorkers ... replace it with numWorkers" in 1.13.0).
+NUCLIO_SINCE = {"python:3.10": (1, 12, 8), "python:3.11": (1, 12, 8), "numWorkers": (1, 13, 0)}
+# Tracker protocol with supported_shape_types and continuation from states alone (README).
+CVAT_MIN = "2.42.0"
+SUFFIXES = {"": 1, "m": 1e-3, "k": 1e3, "M": 1e6, "G": 1e9, "Ki": 2**10, "Mi": 2**20, "Gi": 2**30}
+
+
+def quantity(value) -> float:
+    """A Kubernetes quantity ("2", "500m", "3Gi", "2560Mi") as a number."""
+    number, suffix = re.fullmatch(r"([0-9.]+)([a-zA-Z]*)", str(value)).groups()
+    return float(number) * SUFFIXES[suffix]
+
+
+def workers(function: dict) -> int:
+    [trigger] = function["spec"]["triggers"].values()
+    return trigger["numWorkers"]
+
+
+def footprint(path: Path) -> dict:
+    return json.loads((ROOT / "bench" / "results" / FOOTPRINT[path]).read_text())["results"]
+
+
+@each_file
+def test_memory_request_covers_every_worker_with_a_full_cache(path):
+    function = load(path)
+    measured = footprint(path)["tracking"]["memory_mib_after"]["VmRSS"]
+    need = workers(function) * (measured + Settings().cache_bytes / MIB)
+    memory = quantity(function["spec"]["resources"]["requests"]["memory"]) / MIB
+    assert need <= memory < need + 512, f"{memory} MiB requested for {need:.0f} MiB measured"
+
+
+@each_file
+def test_cpu_request_is_one_core_per_worker_and_a_busy_worker_uses_it(path):
+    function = load(path)
+    assert quantity(function["spec"]["resources"]["requests"]["cpu"]) == workers(function)
+    results = footprint(path) if path == GPU_YAML else json.loads(
+        (ROOT / "bench" / "results" / "footprint-cpu-16cores.json").read_text())["results"]
+    busy = [v["cores_median"] for k, v in results["tracking"].items() if k.startswith("continue_")]
+    assert busy and min(busy) >= 0.9  # a request in flight keeps at least one core busy
+
+
+@each_file
+def test_no_cpu_or_memory_limits(path):
+    # The local Docker platform turns limits into `docker run --cpus/--memory`.
+    limits = load(path)["spec"]["resources"].get("limits", {})
+    assert not {"cpu", "memory"} & set(limits)
+
+
+@each_file
+def test_autoscaler_target_is_written_out(path):
+    assert load(path)["spec"]["targetCPU"] == 75  # Nuclio's default (pkg/platform/abstract)
+
+
+def readme_row(label: str) -> list[str]:
+    """The cells after `label` in the README's table of what each build asks for."""
+    rows = [line for line in (ROOT / "README.md").read_text().splitlines() if line.startswith(f"| {label} |")]
+    assert len(rows) == 1, f"README has {len(rows)} rows labelled {label!r}"
+    return [cell.strip().strip("`") for cell in rows[0].strip("|").split("|")[1:]]
+
+
+def test_readme_states_what_each_build_asks_for():
+    cpu, gpu = load(CPU_YAML)["spec"], load(GPU_YAML)["spec"]
+    assert readme_row("Workers (`numWorkers`)") == [str(workers({"spec": s})) for s in (cpu, gpu)]
+    assert readme_row("CPU request") == [str(s["resources"]["requests"]["cpu"]) for s in (cpu, gpu)]
+    assert readme_row("Memory request") == [s["resources"]["requests"]["memory"] for s in (cpu, gpu)]
+    limits = [", ".join(f"{k}: {v}" for k, v in s["resources"].get("limits", {}).items()) or "none"
+              for s in (cpu, gpu)]
+    assert readme_row("Limits") == limits
+    assert readme_row("Replicas (`minReplicas` to `maxReplicas`)") == [
+        f"{s['minReplicas']} to {s['maxReplicas']}" for s in (cpu, gpu)]
+    assert readme_row("Autoscaler target (`targetCPU`)") == [f"{s['targetCPU']}%" for s in (cpu, gpu)]
+    # One connection pool per worker, one connection in it: a worker serves one request at a time.
+    assert footprint(CPU_YAML)["tracking"]["redis_connections_after"] == 1
+    assert readme_row("Redis connections") == [str(workers({"spec": s})) for s in (cpu, gpu)]
+
+
+def test_readme_states_the_cvat_and_nuclio_versions_the_yamls_need():
+    readme = (ROOT / "README.md").read_text()
+    needed = set()
+    for path in (CPU_YAML, GPU_YAML):
+        function = load(path)
+        assert "supported_shape_types" in function["metadata"]["annotations"]
+        needed.add(NUCLIO_SINCE[function["spec"]["runtime"]])
+        [trigger] = function["spec"]["triggers"].values()
+        needed |= {NUCLIO_SINCE[key] for key in trigger if key in NUCLIO_SINCE}
+        assert f'`runtime: "{function["spec"]["runtime"]}"` arrived in Nuclio' in readme
+    nuclio = ".".join(map(str, max(needed)))
+    assert re.findall(r"\*\*Nuclio (\S+) or later\*\*", readme) == [nuclio]
+    assert re.findall(r"\*\*CVAT (\S+) or later\*\*", readme) == [CVAT_MIN]
