@@ -13,9 +13,10 @@ import time
 import traceback
 
 from config import Settings
-from errors import TrackerError
+from errors import ModelLoadError, StoreUnavailable, TrackerError
 from model_handler import load_tracker
 from protocol import parse_body, parse_request
+from redis_client import StoreMisconfigured, misconfiguration
 from state_store import make_store
 from tracking import RequestStats, TrackingService
 
@@ -24,9 +25,15 @@ PHASES = ("decode", "encoder", "model", "codec", "store_read", "store_write", "s
 
 
 def init_context(context) -> None:
-    settings = Settings.from_env()
-    tracker = load_tracker(settings)
-    store = make_store(settings)
+    try:
+        settings = Settings.from_env()
+        store = make_store(settings)
+        _check_store(context, store, settings)  # before the model: a wrong setting fails fast
+        tracker = load_tracker(settings)
+    except (ValueError, ModelLoadError, StoreMisconfigured) as e:
+        # What to fix, in one line; SystemExit passes Nuclio's wrapper without a traceback.
+        context.logger.error_with("could not start the tracker", error=str(e))
+        raise SystemExit(1) from None
     context.user_data.settings = settings
     context.user_data.service = TrackingService(tracker, store, polygon_tolerance=settings.polygon_tolerance)
     context.logger.info_with(
@@ -36,6 +43,19 @@ def init_context(context) -> None:
         image_size=tracker.image_size,
         store=store.kind,
     )
+
+
+def _check_store(context, store, settings) -> None:
+    """Refuse settings that cannot work; an unreachable store only warns, since it may come back
+    (requests answer 503 until then) and a restart loop would not help."""
+    try:
+        store.check()
+    except StoreUnavailable as e:
+        problem = misconfiguration(e.__cause__, settings)
+        if problem is not None:
+            raise StoreMisconfigured(f"state store ({store.where}): {problem}") from None
+        context.logger.warn_with("state store unreachable at start-up; requests answer 503 until it is back",
+                                 error=str(e))
 
 
 def _respond(context, status: int, body: dict):

@@ -16,6 +16,14 @@ from redis.retry import Retry
 from redis.sentinel import MasterNotFoundError, Sentinel
 
 
+# Every command the state store sends (Kvrocks 2.7 has them all); an ACL user needs these on the
+# key prefix. The Sentinel client also asks the Sentinels (not the data nodes) SENTINEL MASTERS.
+COMMANDS = ("HMGET", "HSET", "HDEL", "DEL", "EXPIRE", "WATCH", "MULTI", "EXEC", "PING")
+# What the Cluster client adds, to any one node: the slot map, and the command table it reads
+# key positions from.
+CLUSTER_COMMANDS = ("CLUSTER|SLOTS", "COMMAND")
+
+
 class StoreMisconfigured(Exception):
     """The store answers, but the settings cannot work: fix them and restart."""
 
@@ -63,7 +71,9 @@ def connect(settings) -> tuple[redis.Redis, str, str]:
         pool = redis.ConnectionPool.from_url(settings.redis_url, **options)
     else:
         pool = redis.ConnectionPool(host=settings.redis_host, port=settings.redis_port, **options)
-    return redis.Redis(connection_pool=pool), f"Redis at {_address(settings)}", "redis"
+    address = _address(settings)
+    where = f"Redis at {address}" + (" over TLS" if tls and not address.startswith("rediss:") else "")
+    return redis.Redis(connection_pool=pool), where, "redis"
 
 
 def _tls(settings) -> dict:
@@ -92,11 +102,20 @@ def misconfiguration(error: BaseException, settings) -> Optional[str]:
     """What is wrong with the settings, if `error` says they cannot work; None for an outage."""
     if isinstance(error, redis.AuthenticationWrongNumberOfArgsError):
         return "the server takes no user name (Kvrocks 2.7 does not): unset SAM2_REDIS_USERNAME"
-    if isinstance(error, redis.AuthenticationError) or _says(error, "WRONGPASS", "NOAUTH", "NOPERM"):
+    # redis-py turns the server's error codes into classes: WRONGPASS and NOAUTH into
+    # AuthenticationError, NOPERM into NoPermissionError, READONLY into ReadOnlyError.
+    if isinstance(error, redis.AuthenticationError):
         return (
             f"the server refused the user or password ({error}); check SAM2_REDIS_USERNAME, "
             "SAM2_REDIS_PASSWORD_FILE or CVAT_FUNCTIONS_REDIS_PASSWORD"
         )
+    if isinstance(error, redis.exceptions.NoPermissionError):
+        return (
+            f"the user may not run the store's commands on its keys ({reason(error)}); grant "
+            f"{' '.join(COMMANDS)} on ~{settings.state_prefix}* (SAM2_STATE_PREFIX)"
+        )
+    if isinstance(error, redis.exceptions.ReadOnlyError):
+        return "the server is a read-only replica; point the function at the master"
     if _tls_failure(error):
         return (
             f"the TLS handshake failed ({_tls_failure(error)}); check SAM2_REDIS_TLS_CA_FILE, "
@@ -110,8 +129,10 @@ def misconfiguration(error: BaseException, settings) -> Optional[str]:
     return None
 
 
-def _says(error: BaseException, *codes: str) -> bool:
-    return isinstance(error, redis.ResponseError) and str(error).split(" ", 1)[0] in codes
+def reason(error: redis.ResponseError) -> str:
+    """The server's own words: redis-py prefixes a pipeline's errors with the whole command,
+    values included, which must not reach a log or an answer."""
+    return str(error).rpartition(" of pipeline caused error: ")[2][:300]
 
 
 def _tls_failure(error: Optional[BaseException]) -> Optional[str]:

@@ -62,6 +62,10 @@ class StateStore(abc.ABC):
     def ping(self) -> None:
         """Raise StoreUnavailable if the store cannot be reached."""
 
+    def check(self) -> None:
+        """At start-up: raise StoreUnavailable unless the store can be read and written."""
+        self.ping()
+
     def close(self) -> None:
         """Release connections."""
 
@@ -409,6 +413,12 @@ class RedisStore(StateStore):
     def ping(self):
         self._call(None, self._client.ping)
 
+    def check(self):
+        # Also a harmless write under the prefix: an ACL without the prefix's keys (NOPERM) or a
+        # read-only replica (READONLY) shows at start-up, not on the first annotator's request.
+        self.ping()
+        self._call(None, lambda: self._client.delete(self._prefix + "#start-up-check"))
+
     def close(self):
         self._client.connection_pool.disconnect()
 
@@ -423,11 +433,12 @@ class RedisStore(StateStore):
                 f"state store ({self.where}) is unreachable or did not answer in time ({e}); retry later"
             ) from e
         except redis.ResponseError as e:
-            if session is not None and "WRONGTYPE" in str(e):
+            reason = redis_client.reason(e)
+            if session is not None and reason.startswith("WRONGTYPE"):
                 raise StateNotFound(
                     f"tracking state {session} is not a tracking session in the store; re-initialize the object"
                 ) from e
-            raise StoreUnavailable(f"state store ({self.where}) refused a command ({e})") from e
+            raise StoreUnavailable(f"state store ({self.where}) refused a command ({reason})") from e
         except (redis.RedisError, RedisClusterException) as e:
             raise StoreUnavailable(f"state store ({self.where}) failed ({e})") from e
 

@@ -43,7 +43,7 @@ pip=("$python" -m pip install --quiet --disable-pip-version-check --no-deps --no
 # What the function and the tests import, where this interpreter lacks it (module=requirement).
 needed=()
 for pair in hydra=hydra-core==1.3.2 omegaconf=omegaconf==2.3.0 antlr4=antlr4-python3-runtime==4.9.3 \
-            iopath=iopath==0.1.10 portalocker=portalocker redis=redis==6.4.0 nuclio_sdk=nuclio-sdk==0.6.3 \
+            iopath=iopath==0.1.10 portalocker=portalocker redis=redis==7.4.1 nuclio_sdk=nuclio-sdk==0.6.3 \
             msgpack=msgpack cv2=opencv-python-headless PIL=pillow tqdm=tqdm pytest=pytest \
             cvat_sdk=cvat-sdk==2.80.0 platformdirs=platformdirs dateutil=python-dateutil urllib3=urllib3 \
             attrs=attrs packaging=packaging; do

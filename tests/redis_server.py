@@ -11,6 +11,7 @@ import socket
 import subprocess
 import tempfile
 import time
+from typing import Optional
 
 import pytest
 import redis
@@ -25,10 +26,14 @@ def free_port() -> int:
 class RedisServer:
     """One redis-server on 127.0.0.1; `stop` then `start` restarts it empty on the same port."""
 
-    def __init__(self):
+    def __init__(self, *args: str, port: Optional[int] = None, client_options: Optional[dict] = None):
+        """`args` go to redis-server after the defaults; `client_options` are how to reach it
+        (TLS, an admin user) when `--port` alone is not enough."""
         if shutil.which("redis-server") is None:
             pytest.fail("redis-server is not installed; run scripts/setup.sh --test")
-        self.port = free_port()
+        self.port = port or free_port()
+        self.args = args
+        self.client_options = client_options or {}
         self.proc = None
         self._dir = tempfile.mkdtemp(prefix="redis-test-")
 
@@ -36,7 +41,7 @@ class RedisServer:
         self.proc = subprocess.Popen(
             [
                 "redis-server", "--port", str(self.port), "--bind", "127.0.0.1",
-                "--save", "", "--appendonly", "no", "--dir", self._dir, "--loglevel", "warning",
+                "--save", "", "--appendonly", "no", "--dir", self._dir, "--loglevel", "warning", *self.args,
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
@@ -65,7 +70,7 @@ class RedisServer:
         os.kill(self.proc.pid, signal.SIGCONT)
 
     def client(self, **kwargs) -> redis.Redis:
-        return redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=10, **kwargs)
+        return redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=10, **{**self.client_options, **kwargs})
 
     def flush(self) -> None:
         self.client().flushall()

@@ -70,3 +70,48 @@ def test_same_weights_give_the_same_fingerprint_and_other_weights_another(settin
     make_checkpoint(other, seed=1)
     assert load_tracker(settings).fingerprint == tracker.fingerprint
     assert load_tracker(Settings(**{**settings.__dict__, "checkpoint": other})).fingerprint != tracker.fingerprint
+
+
+@pytest.mark.parametrize("env, message", [
+    ({"SAM2_REDIS_URL": "http://cache:6379"}, "SAM2_REDIS_URL must start with"),
+    ({"SAM2_REDIS_URL": "redis://:pw@cache:6379", "CVAT_FUNCTIONS_REDIS_PASSWORD": "pw"}, "password is set twice"),
+    ({"SAM2_REDIS_URL": "redis://me@cache:6379", "SAM2_REDIS_USERNAME": "me"}, "user is set twice"),
+    ({"SAM2_REDIS_SENTINELS": "s:26379", "SAM2_REDIS_CLUSTER": "true"}, "exclude each other"),
+    ({"SAM2_REDIS_SENTINELS": "s:26379", "SAM2_REDIS_URL": "redis://cache"}, "unset SAM2_REDIS_URL"),
+    ({"SAM2_REDIS_URL": "unix:///run/redis.sock", "SAM2_REDIS_CLUSTER": "true"}, "unix://"),
+    ({"SAM2_REDIS_CLUSTER": "true"}, "needs a node to start from"),
+    ({"SAM2_REDIS_CLUSTER": "maybe"}, "SAM2_REDIS_CLUSTER must be true or false"),
+    ({"SAM2_REDIS_SENTINELS": "s1:26379,s2"}, "SAM2_REDIS_SENTINELS must be"),
+    ({"SAM2_REDIS_SENTINELS": "s1:99999"}, "SAM2_REDIS_SENTINELS must be"),
+    ({"SAM2_REDIS_PASSWORD_FILE": "/nonexistent/secret"}, "SAM2_REDIS_PASSWORD_FILE.*cannot be read"),
+    ({"SAM2_REDIS_TLS_CERT_FILE": "/nonexistent/cert.pem"}, "SAM2_REDIS_TLS_CERT_FILE.*cannot be read"),
+])
+def test_redis_settings_that_cannot_work_are_refused_by_name(env, message):
+    with pytest.raises(ValueError, match=message):
+        Settings.from_env(env)
+
+
+def test_a_tls_key_needs_its_certificate(tmp_path):
+    key = tmp_path / "client.key"
+    key.write_text("key")
+    with pytest.raises(ValueError, match="SAM2_REDIS_TLS_KEY_FILE needs SAM2_REDIS_TLS_CERT_FILE"):
+        Settings.from_env({"CVAT_FUNCTIONS_REDIS_HOST": "cache", "SAM2_REDIS_TLS_KEY_FILE": str(key)})
+
+
+def test_redis_settings_are_parsed(tmp_path):
+    secret = tmp_path / "password"
+    secret.write_text("p@ss word\n")
+    settings = Settings.from_env({
+        "SAM2_REDIS_SENTINELS": " s1:26379, [fd00::1]:26380 ",
+        "SAM2_REDIS_PASSWORD_FILE": str(secret),
+        "CVAT_FUNCTIONS_REDIS_PASSWORD": "loses to the file",
+        "SAM2_REDIS_USERNAME": "tracker",
+    })
+    assert settings.redis_sentinels == (("s1", 26379), ("fd00::1", 26380))
+    assert settings.redis_sentinel_master == "mymaster"
+    assert settings.redis_password == "p@ss word"  # one trailing newline dropped, nothing else
+    assert settings.uses_redis and not settings.redis_tls and not settings.redis_cluster
+    assert "p@ss" not in repr(settings)  # settings may be logged; the password never is
+    assert Settings.from_env({"SAM2_REDIS_URL": "rediss://cache:6380"}).redis_tls
+    assert Settings.from_env({"SAM2_REDIS_URL": "redis://a:1", "SAM2_REDIS_CLUSTER": "True"}).redis_cluster
+    assert not Settings.from_env({}).uses_redis

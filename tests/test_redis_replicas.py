@@ -11,12 +11,8 @@ from cvat_sdk.masks import encode_mask
 from redis_server import redis_server  # noqa: F401 - fixture
 from replicas import ReplicaProcess
 from support import (
-    FRAME_H, FRAME_W, answer_mask, assert_same_masks, body, first_masks, make_frames, model_env, official_masks,
-    run_function,
+    FRAME_H, FRAME_W, answer_mask, assert_same_masks, body, first_masks, model_env, run_function,
 )
-
-FRAMES = 20
-
 
 def shape_to_mask(shape):
     return answer_mask(shape, width=FRAME_W, height=FRAME_H)
@@ -41,13 +37,13 @@ def replicas(checkpoint, redis_server):  # noqa: F811
 
 
 @pytest.fixture(scope="module")
-def frames():
-    return make_frames(FRAMES)  # the video test_exactness compares with the official predictor
+def frames(video):
+    return video
 
 
 @pytest.fixture(scope="module")
-def official(checkpoint, frames):
-    return official_masks(checkpoint, frames, masks=first_masks())
+def official(official_video):
+    return official_video
 
 
 def masks_of(answers: list) -> list:
