@@ -1,5 +1,8 @@
 """Configuration from the environment, and model loading errors that say what to set."""
 
+import pathlib
+import re
+
 import pytest
 
 from config import DEFAULT_MODEL_ID, Settings
@@ -115,3 +118,11 @@ def test_redis_settings_are_parsed(tmp_path):
     assert Settings.from_env({"SAM2_REDIS_URL": "rediss://cache:6380"}).redis_tls
     assert Settings.from_env({"SAM2_REDIS_URL": "redis://a:1", "SAM2_REDIS_CLUSTER": "True"}).redis_cluster
     assert not Settings.from_env({}).uses_redis
+
+
+def test_every_variable_config_reads_has_a_row_in_a_readme_table():
+    root = pathlib.Path(__file__).resolve().parent.parent
+    read = set(re.findall(r'"((?:SAM2|CVAT_FUNCTIONS)_[A-Z0-9_]+)"', (root / "config.py").read_text()))
+    rows = [line for line in (root / "README.md").read_text().splitlines() if line.startswith("| `")]
+    documented = {name for row in rows for name in re.findall(r"`([A-Z0-9_]+)`", row.split(" | ")[0])}
+    assert len(read) > 20 and read <= documented, sorted(read - documented)
