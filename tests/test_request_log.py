@@ -157,3 +157,6 @@ def test_the_local_server_prints_the_line_once(function, frames, capsys):
     assert nuclio_sdk.Response.from_entrypoint_output(json.dumps, output)["status_code"] == 200
     lines = [line for line in capsys.readouterr().err.splitlines() if "tracked" in line]
     assert len(lines) == 1 and "[info] tracked: {" in lines[0] and "'objects_new': 1" in lines[0], lines
+    # A root handler (sam2 installs one) holds the stderr of its day, which capsys cannot see: the
+    # line reaches no other handler only because it does not propagate.
+    assert logging.getLogger("sam2-tracker").propagate is False
