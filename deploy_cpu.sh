@@ -19,6 +19,11 @@ Build the SAM2 tracker's image and deploy it to Nuclio, in project "cvat".
                           (default: $CVAT_FUNCTIONS_REDIS_HOST, else cvat_redis_ondisk)
   --redis-port PORT       (default: $CVAT_FUNCTIONS_REDIS_PORT, else 6666)
   --redis-password PW     (default: $CVAT_FUNCTIONS_REDIS_PASSWORD, else none)
+  --env NAME=VALUE        any other setting of the README's tables, e.g. SAM2_REDIS_URL=rediss://...
+                          or SAM2_REDIS_SENTINELS=...; repeat for several
+  --volume HOST:PATH      mount a host file or folder into the function, e.g. TLS certificates or
+                          a password file for SAM2_REDIS_PASSWORD_FILE; repeat for several
+                          (a host path: on Kubernetes, mount secrets as the README shows)
   --platform local|kube   local Docker, as with CVAT's docker compose (default), or Kubernetes
   --network NAME          local: CVAT's Docker network (default: cvat_cvat)
   --namespace NS          kube: the namespace Nuclio runs in (default: nuclio)
@@ -45,6 +50,7 @@ network=cvat_cvat
 namespace=nuclio
 registry="${NUCTL_REGISTRY:-}"
 run_registry="${NUCTL_RUN_REGISTRY:-}"
+extra_args=()
 
 need_value() {
   [ "$#" -ge 2 ] || die "$1 needs a value (see --help)"
@@ -63,6 +69,14 @@ while [ "$#" -gt 0 ]; do
     --namespace) need_value "$@"; namespace="$2"; shift 2 ;;
     --registry) need_value "$@"; registry="$2"; shift 2 ;;
     --run-registry) need_value "$@"; run_registry="$2"; shift 2 ;;
+    --env)
+      need_value "$@"
+      [[ "$2" =~ ^[A-Za-z_][A-Za-z0-9_]*= ]] || die "--env takes NAME=VALUE, not '$2'"
+      extra_args+=(--env "$2"); shift 2 ;;
+    --volume)
+      need_value "$@"
+      [[ "$2" =~ ^[^:]+:[^:]+$ ]] || die "--volume takes HOST_PATH:CONTAINER_PATH, not '$2'"
+      extra_args+=(--volume "$2"); shift 2 ;;
     *) die "unknown argument '$1' (see --help)" ;;
   esac
 done
@@ -116,6 +130,7 @@ nuctl deploy --project-name cvat --path "$stage" --file "$stage/$function_file" 
   "${platform_args[@]}" "${deploy_args[@]}" \
   --env "CVAT_FUNCTIONS_REDIS_HOST=$redis_host" \
   --env "CVAT_FUNCTIONS_REDIS_PORT=$redis_port" \
-  --env "CVAT_FUNCTIONS_REDIS_PASSWORD=$redis_password"
+  --env "CVAT_FUNCTIONS_REDIS_PASSWORD=$redis_password" \
+  ${extra_args[@]+"${extra_args[@]}"}
 
 nuctl get function "${platform_args[@]}"

@@ -429,6 +429,34 @@ def test_redis_address_comes_from_options_or_environment(deploy):
     ]
 
 
+def test_other_settings_and_mounts_pass_through(deploy):
+    _, calls = deploy(
+        "deploy_gpu.sh",
+        "--env", "SAM2_REDIS_URL=rediss://cache:6380", "--env", "SAM2_REDIS_PASSWORD_FILE=/secrets/redis",
+        "--volume", "/etc/cvat/redis-password:/secrets/redis",
+    )
+    args = the_deploy(calls)["args"]
+    assert option(args, "--env")[3:] == ["SAM2_REDIS_URL=rediss://cache:6380", "SAM2_REDIS_PASSWORD_FILE=/secrets/redis"]
+    assert option(args, "--volume") == ["/etc/cvat/redis-password:/secrets/redis"]
+
+
+def test_the_readme_secret_volume_is_a_nuclio_volume_for_the_password_file():
+    readme = (ROOT / "README.md").read_text()
+    snippet = readme[readme.index("```yaml\n  volumes:") + len("```yaml\n"):]
+    [entry] = yaml.safe_load(snippet[: snippet.index("```")])["volumes"]
+    # functionconfig.Volume: a Kubernetes Volume and its VolumeMount, joined by name.
+    assert entry["volume"]["name"] == entry["volumeMount"]["name"]
+    assert entry["volume"]["secret"]["secretName"] == "cvat-kvrocks-secret"  # key: password
+    assert "SAM2_REDIS_PASSWORD_FILE=" + entry["volumeMount"]["mountPath"] + "/password" in readme
+
+
+@pytest.mark.parametrize("bad", [["--env", "no-equals-sign"], ["--volume", "/only/one/path"], ["--env"]])
+def test_malformed_pass_through_is_refused(deploy, bad):
+    process, calls = deploy("deploy_cpu.sh", *bad)
+    assert process.returncode == 1 and calls == []
+    assert bad[0] in process.stderr
+
+
 @pytest.mark.parametrize("script", ["deploy_cpu.sh", "deploy_gpu.sh"])
 @pytest.mark.parametrize("variant, model_id", [("small", "facebook/sam2.1-hiera-small"),
                                                ("base+", "facebook/sam2.1-hiera-base-plus"),
