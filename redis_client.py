@@ -100,7 +100,10 @@ def _address(settings) -> str:
 
 def misconfiguration(error: BaseException, settings) -> Optional[str]:
     """What is wrong with the settings, if `error` says they cannot work; None for an outage."""
-    if isinstance(error, redis.AuthenticationWrongNumberOfArgsError):
+    # Kvrocks 2.7 answers `AUTH user pass` with a bare "wrong number of arguments", which redis-py
+    # does not recognise as an AUTH error (it would then have retried without the user).
+    takes_no_user = isinstance(error, redis.ResponseError) and reason(error).startswith("wrong number of arguments")
+    if settings.redis_username and takes_no_user:
         return "the server takes no user name (Kvrocks 2.7 does not): unset SAM2_REDIS_USERNAME"
     # redis-py turns the server's error codes into classes: WRONGPASS and NOAUTH into
     # AuthenticationError, NOPERM into NoPermissionError, READONLY into ReadOnlyError.

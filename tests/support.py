@@ -242,3 +242,28 @@ def assert_same_masks(ours: list[list[np.ndarray]], official: list[list[np.ndarr
     areas = [[int(m.sum()) for m in frame] for frame in official]
     assert any(a > 0 for frame in areas for a in frame)
     assert len({tuple(a) for a in areas}) > 1
+
+
+def start_up_failure(env: dict, caplog) -> str:
+    """Run init_context with `env`; it must exit 1 after logging one line. That line's error."""
+    import nuclio_sdk
+    import pytest
+
+    import main as main_module
+
+    caplog.set_level(logging.DEBUG, logger="nuclio_sdk")
+    saved = dict(os.environ)
+    os.environ.update({"HF_HUB_OFFLINE": "1", **env})  # were the store let through: fail fast
+    try:
+        with pytest.raises(SystemExit) as stopped:
+            main_module.init_context(nuclio_sdk.Context(logger=nuclio_sdk.Logger(logging.DEBUG)))
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+    assert stopped.value.code == 1
+    errors = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(errors) == 1, [r.getMessage() for r in errors]
+    assert errors[0].getMessage() == "could not start the tracker"
+    error = errors[0].__dict__["with"]["error"]
+    assert "Traceback" not in error and "\n" not in error
+    return error

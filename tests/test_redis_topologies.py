@@ -4,17 +4,13 @@ serves a whole session across two replicas with the official predictor's masks, 
 misconfiguration stops the function at start-up with one line saying what to fix."""
 
 import collections
-import logging
-import os
 import signal
 import time
 
-import nuclio_sdk
 import numpy as np
 import pytest
 import redis
 
-import main
 from config import Settings
 from redis_client import CLUSTER_COMMANDS, COMMANDS
 from redis_server import RedisServer, redis_server  # noqa: F401 - fixture
@@ -23,6 +19,7 @@ from replicas import Replica
 from state_store import RedisStore
 from support import (
     FRAME_H, FRAME_W, Function, answer_mask, assert_same_masks, body, first_masks, mask_shape, model_env,
+    start_up_failure,
 )
 
 PREFIX = "sam2-tracker:"  # the default SAM2_STATE_PREFIX
@@ -58,26 +55,6 @@ def session(pair, frames) -> list:
         answer = pair[i % 2].track(frame, states=answer["states"])
         tracked.append(masks(answer))
     return tracked
-
-
-def start_up_failure(env: dict, caplog) -> str:
-    """Run init_context with `env`; it must exit 1 after logging one line. That line's error."""
-    caplog.set_level(logging.DEBUG, logger="nuclio_sdk")
-    saved = dict(os.environ)
-    os.environ.update({"HF_HUB_OFFLINE": "1", **env})  # were the store let through: fail fast
-    try:
-        with pytest.raises(SystemExit) as stopped:
-            main.init_context(nuclio_sdk.Context(logger=nuclio_sdk.Logger(logging.DEBUG)))
-    finally:
-        os.environ.clear()
-        os.environ.update(saved)
-    assert stopped.value.code == 1
-    errors = [r for r in caplog.records if r.levelno >= logging.WARNING]
-    assert len(errors) == 1, [r.getMessage() for r in errors]
-    assert errors[0].getMessage() == "could not start the tracker"
-    error = errors[0].__dict__["with"]["error"]
-    assert "Traceback" not in error and "\n" not in error
-    return error
 
 
 # --- TLS ---------------------------------------------------------------------------------------
