@@ -21,7 +21,7 @@ class Settings:
     # --- state store (the README's "Connecting to Redis" says how these combine) ---
     redis_host: Optional[str] = None  # unset, with no URL and no Sentinels: embedded in-process store
     redis_port: int = 6379
-    redis_url: Optional[str] = None  # redis://, rediss:// or unix://; wins over host and port
+    redis_url: Optional[str] = dataclasses.field(default=None, repr=False)  # may hold a password
     redis_username: Optional[str] = None  # sent only when set: Kvrocks 2.7 refuses AUTH user pass
     redis_password: Optional[str] = dataclasses.field(default=None, repr=False)  # never in logs
     redis_tls_ca_file: Optional[str] = None
@@ -110,8 +110,10 @@ class Settings:
     def _checked(self) -> "Settings":
         """Refuse combinations of Redis settings that cannot mean what the operator wants."""
         url = urllib.parse.urlsplit(self.redis_url or "")
-        if self.redis_url and url.scheme not in ("redis", "rediss", "unix"):
-            raise ValueError(f"SAM2_REDIS_URL must start with redis://, rediss:// or unix://, got {url.scheme!r}")
+        if self.redis_url:
+            _check_url(url)
+        if not 0 < self.redis_port < 65536:
+            raise ValueError(f"CVAT_FUNCTIONS_REDIS_PORT must be a port number, got {self.redis_port}")
         if url.password and self.redis_password:
             raise ValueError("the Redis password is set twice, in SAM2_REDIS_URL and in a password variable; keep one")
         if url.username and self.redis_username:
@@ -127,6 +129,28 @@ class Settings:
         if self.redis_tls_key_file and not self.redis_tls_cert_file:
             raise ValueError("SAM2_REDIS_TLS_KEY_FILE needs SAM2_REDIS_TLS_CERT_FILE, the certificate it goes with")
         return self
+
+
+def _check_url(url: urllib.parse.SplitResult) -> None:
+    """A URL that says where the store is, and nothing else. Messages never quote it: it may hold
+    a password."""
+    if url.scheme not in ("redis", "rediss", "unix"):
+        raise ValueError("SAM2_REDIS_URL must start with redis://, rediss:// or unix://")
+    try:
+        url.port  # noqa: B018 - parses it
+    except ValueError:
+        raise ValueError(
+            "SAM2_REDIS_URL has no valid port; a password holding '/', '?', '#' or '@' must be "
+            "percent-encoded (or use SAM2_REDIS_PASSWORD_FILE)"
+        ) from None
+    # redis-py would let query options (protocol, ssl_cert_reqs, ...) override what the function
+    # pins, and a database number is a SELECT, which Kvrocks ignores and an ACL user may lack.
+    if url.query or url.fragment:
+        raise ValueError("SAM2_REDIS_URL takes no ?options: the variables in the README set everything")
+    if url.scheme != "unix" and url.path not in ("", "/", "/0"):
+        raise ValueError("SAM2_REDIS_URL takes no database number: use SAM2_STATE_PREFIX to keep deployments apart")
+    if url.scheme != "unix" and not url.hostname:
+        raise ValueError("SAM2_REDIS_URL names no host")
 
 
 def _password(env: Mapping[str, str], path: Optional[str]) -> Optional[str]:

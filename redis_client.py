@@ -28,52 +28,82 @@ class StoreMisconfigured(Exception):
     """The store answers, but the settings cannot work: fix them and restart."""
 
 
-def connect(settings) -> tuple[redis.Redis, str, str]:
-    """(client, where, kind): `where` names the store in error messages, `kind` in logs."""
+class Connector:
+    """How to reach the store: `client()` builds the client on first use, inside the store's
+    error handling, since a Cluster client connects as soon as it is built."""
+
+    def __init__(self, build, *, where: str, kind: str):
+        self._build = build
+        self._client = None
+        self.where = where  # names the store in messages, never with a password
+        self.kind = kind  # "redis", "redis-sentinel" or "redis-cluster", for logs
+
+    @property
+    def built(self) -> bool:
+        return self._client is not None
+
+    def client(self):
+        if self._client is None:
+            self._client = self._build()
+        return self._client
+
+
+def connect(settings) -> Connector:
     timeouts = {
-        # Bounded waits: a slow or unreachable Redis costs a request at most about this long.
+        # Bounded waits: a slow or unreachable Redis costs a request about this long, once.
         "socket_timeout": settings.redis_timeout_s,
         "socket_connect_timeout": settings.redis_timeout_s,
     }
-    plain = {**timeouts, "protocol": 2, "lib_name": None, "lib_version": None}
+    plain = {**timeouts, "protocol": 2, "driver_info": None}  # driver_info None: no CLIENT SETINFO
     auth = {"username": settings.redis_username, "password": settings.redis_password}
     # A pooled connection that a Redis restart dropped is retried once on a fresh one; reads and
-    # `create` are idempotent. A commit is not retried there: a caller that retries the request
-    # gets the same answer (the guard). Timeouts are not retried.
-    retry = {"retry": Retry(NoBackoff(), 1), "retry_on_error": [redis.ConnectionError]}
+    # `create` are idempotent, and a commit runs on a connection of its own, never retried. A
+    # timeout is not retried: it would double the wait.
+    retry = {"retry": Retry(NoBackoff(), 1, supported_errors=(redis.ConnectionError,))}
     tls = _tls(settings)
+    address = _address(settings)
 
     if settings.redis_sentinels:
         # The Sentinels are reached with the same TLS settings but without the data user and
-        # password: Sentinels have their own (`requirepass` in sentinel.conf), rarely set.
-        sentinel = Sentinel(
-            list(settings.redis_sentinels), sentinel_kwargs={**plain, **tls}, **plain, **auth, **retry, **tls
-        )
-        client = sentinel.master_for(settings.redis_sentinel_master, redis_class=redis.Redis)
+        # password (see the README), and each is asked once: the next one is the retry.
+        sentinel_kwargs = {**plain, **tls, "retry": Retry(NoBackoff(), 0)}
+
+        def build():
+            sentinel = Sentinel(list(settings.redis_sentinels), sentinel_kwargs=sentinel_kwargs,
+                                **plain, **auth, **retry, **tls)
+            return sentinel.master_for(settings.redis_sentinel_master, redis_class=redis.Redis)
+
         nodes = ",".join(f"{host}:{port}" for host, port in settings.redis_sentinels)
-        return client, f"Redis master {settings.redis_sentinel_master!r} via Sentinels {nodes}", "redis-sentinel"
+        where = f"Redis master {settings.redis_sentinel_master!r} via Sentinels {nodes}"
+        return Connector(build, where=where, kind="redis-sentinel")
 
     if settings.redis_cluster:
-        # One key per operation, so every command and transaction goes to one slot's node.
-        options = {**plain, **auth, **tls, "retry": Retry(NoBackoff(), 1), "require_full_coverage": True}
-        if settings.redis_url:
-            client = redis.RedisCluster.from_url(settings.redis_url, **options)
-        else:
-            client = redis.RedisCluster(host=settings.redis_host, port=settings.redis_port, **options)
-        return client, f"Redis Cluster at {_address(settings)}", "redis-cluster"
+        # No retry: a node's connection error already makes the client reload the slot map, and
+        # the caller's retry of the request then finds the right node.
+        options = {**plain, **auth, **tls, "retry": Retry(NoBackoff(), 0), "require_full_coverage": True}
+
+        def build():
+            if settings.redis_url:
+                return redis.RedisCluster.from_url(settings.redis_url, **options)
+            return redis.RedisCluster(host=settings.redis_host, port=settings.redis_port, **options)
+
+        return Connector(build, where=f"Redis Cluster at {address}", kind="redis-cluster")
 
     options = {**plain, **auth, **retry, **tls}
     if tls:
         options["connection_class"] = redis.SSLConnection
         del options["ssl"]  # the connection class says it
-    if settings.redis_url:
-        # A user or password in the URL wins over the (then unset: config.py checks) variables.
-        pool = redis.ConnectionPool.from_url(settings.redis_url, **options)
-    else:
-        pool = redis.ConnectionPool(host=settings.redis_host, port=settings.redis_port, **options)
-    address = _address(settings)
+
+    def build():
+        if settings.redis_url:
+            # A user or password in the URL wins over the (then unset: config.py checks) variables.
+            pool = redis.ConnectionPool.from_url(settings.redis_url, **options)
+        else:
+            pool = redis.ConnectionPool(host=settings.redis_host, port=settings.redis_port, **options)
+        return redis.Redis(connection_pool=pool)
+
     where = f"Redis at {address}" + (" over TLS" if tls and not address.startswith("rediss:") else "")
-    return redis.Redis(connection_pool=pool), where, "redis"
+    return Connector(build, where=where, kind="redis")
 
 
 def _tls(settings) -> dict:
@@ -93,35 +123,60 @@ def _address(settings) -> str:
     """Where the store is, for messages: never the password a URL may hold."""
     if settings.redis_url:
         url = urllib.parse.urlsplit(settings.redis_url)
-        host = url.path if url.scheme == "unix" else f"{url.hostname}:{url.port or 6379}"
-        return f"{url.scheme}://{host}"
+        if url.scheme == "unix":
+            return f"unix://{url.path}"
+        host = f"[{url.hostname}]" if ":" in (url.hostname or "") else url.hostname
+        return f"{url.scheme}://{host}:{url.port or 6379}"
     return f"{settings.redis_host}:{settings.redis_port}"
 
 
 def misconfiguration(error: BaseException, settings) -> Optional[str]:
-    """What is wrong with the settings, if `error` says they cannot work; None for an outage."""
+    """What is wrong with the settings, if `error` (or an error it was raised from) says they
+    cannot work; None for an outage, which may pass."""
+    for cause in _chain(error):
+        problem = _problem(cause, settings)
+        if problem is not None:
+            return problem
+    return None
+
+
+def _chain(error: Optional[BaseException]):
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        yield error
+        error = error.__cause__ or error.__context__
+
+
+def _problem(error: BaseException, settings) -> Optional[str]:
+    text = reason(error)
     # Kvrocks 2.7 answers `AUTH user pass` with a bare "wrong number of arguments", which redis-py
     # does not recognise as an AUTH error (it would then have retried without the user).
-    takes_no_user = isinstance(error, redis.ResponseError) and reason(error).startswith("wrong number of arguments")
-    if settings.redis_username and takes_no_user:
-        return "the server takes no user name (Kvrocks 2.7 does not): unset SAM2_REDIS_USERNAME"
+    has_user = settings.redis_username or urllib.parse.urlsplit(settings.redis_url or "").username
+    if has_user and isinstance(error, redis.ResponseError) and text.startswith("wrong number of arguments"):
+        return "the server takes no user name (Kvrocks 2.7 does not): unset SAM2_REDIS_USERNAME or the URL's user"
     # redis-py turns the server's error codes into classes: WRONGPASS and NOAUTH into
     # AuthenticationError, NOPERM into NoPermissionError, READONLY into ReadOnlyError.
     if isinstance(error, redis.AuthenticationError):
         return (
-            f"the server refused the user or password ({error}); check SAM2_REDIS_USERNAME, "
+            f"the server refused the user or password ({text}); check SAM2_REDIS_USERNAME, "
             "SAM2_REDIS_PASSWORD_FILE or CVAT_FUNCTIONS_REDIS_PASSWORD"
         )
     if isinstance(error, redis.exceptions.NoPermissionError):
         return (
-            f"the user may not run the store's commands on its keys ({reason(error)}); grant "
+            f"the user may not run the store's commands on its keys ({text}); grant "
             f"{' '.join(COMMANDS)} on ~{settings.state_prefix}* (SAM2_STATE_PREFIX)"
         )
     if isinstance(error, redis.exceptions.ReadOnlyError):
         return "the server is a read-only replica; point the function at the master"
-    if _tls_failure(error):
+    if isinstance(error, (redis.exceptions.MovedError, redis.exceptions.AskError)):
+        return "the server is a Redis Cluster node: set SAM2_REDIS_CLUSTER=true"
+    if "cluster support disabled" in text or "Cluster mode is not enabled" in text:
+        return "the server is not part of a Redis Cluster: unset SAM2_REDIS_CLUSTER"
+    tls = _tls_misconfiguration(error)
+    if tls is not None:
         return (
-            f"the TLS handshake failed ({_tls_failure(error)}); check SAM2_REDIS_TLS_CA_FILE, "
+            f"the TLS handshake failed ({tls}); check SAM2_REDIS_TLS_CA_FILE, "
             "SAM2_REDIS_TLS_CERT_FILE, SAM2_REDIS_TLS_KEY_FILE and the server's host name"
         )
     if isinstance(error, MasterNotFoundError) and not _master_known(settings):
@@ -132,32 +187,37 @@ def misconfiguration(error: BaseException, settings) -> Optional[str]:
     return None
 
 
-def reason(error: redis.ResponseError) -> str:
-    """The server's own words: redis-py prefixes a pipeline's errors with the whole command,
-    values included, which must not reach a log or an answer."""
+def reason(error: BaseException) -> str:
+    """The error in the server's or the system's own words: redis-py prefixes a pipeline's errors
+    with the whole command, keys and values included, which must not reach a log or an answer."""
     return str(error).rpartition(" of pipeline caused error: ")[2][:300]
 
 
-def _tls_failure(error: Optional[BaseException]) -> Optional[str]:
-    """The SSL error inside a connection error, as a short reason."""
-    seen = set()
-    while error is not None and id(error) not in seen:
-        seen.add(id(error))
-        if isinstance(error, ssl.SSLError):
-            return error.reason or str(error)
-        error = error.__cause__ or error.__context__
+# Handshake failures that settings cause (a certificate, a key, a protocol), unlike an endpoint
+# that closes the connection while its backend starts (UNEXPECTED_EOF_WHILE_READING): that passes.
+_TLS_SETTINGS_FAILURES = (
+    "CERTIFICATE", "UNKNOWN_CA", "WRONG_VERSION_NUMBER", "PROTOCOL_VERSION", "HANDSHAKE_FAILURE",
+    "PEM_LIB", "KEY_VALUES_MISMATCH", "ACCESS_DENIED", "DECRYPT_ERROR", "NO_START_LINE",
+)
+
+
+def _tls_misconfiguration(error: BaseException) -> Optional[str]:
+    if isinstance(error, ssl.SSLCertVerificationError):
+        return f"{error.reason}: {error.verify_message}"
+    if isinstance(error, ssl.SSLError) and any(part in (error.reason or "") for part in _TLS_SETTINGS_FAILURES):
+        return error.reason
     return None
 
 
 def _master_known(settings) -> bool:
     """Whether any Sentinel lists the master (down or not); True when none can be asked."""
     for host, port in settings.redis_sentinels:
+        client = redis.Redis(host=host, port=port, socket_timeout=settings.redis_timeout_s, protocol=2,
+                             driver_info=None, retry=Retry(NoBackoff(), 0), **_tls(settings))
         try:
-            client = redis.Redis(
-                host=host, port=port, socket_timeout=settings.redis_timeout_s, protocol=2,
-                lib_name=None, lib_version=None, **_tls(settings),
-            )
             return settings.redis_sentinel_master in client.sentinel_masters()
         except redis.RedisError:
             continue
+        finally:
+            client.close()
     return True

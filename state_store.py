@@ -18,9 +18,11 @@ from typing import Mapping, Optional, Sequence
 
 import redis
 from redis.exceptions import RedisClusterException
+from redis.sentinel import MasterNotFoundError
 
 import redis_client
 from errors import StateConflict, StateNotFound, StoreUnavailable
+from redis_client import reason
 
 
 class StateStore(abc.ABC):
@@ -268,36 +270,40 @@ class RedisStore(StateStore):
     since, it reads everything again, because that replica may have deleted cached fields.
     """
 
-    def __init__(
-        self, client: redis.Redis, *, prefix: str, ttl_s: int, cache_bytes: int, where: str, kind: str = "redis"
-    ):
-        self.kind = kind  # "redis", "redis-sentinel" or "redis-cluster"
-        self._client = client
+    def __init__(self, connector: redis_client.Connector, *, prefix: str, ttl_s: int, cache_bytes: int):
+        self._connector = connector
+        self.kind = connector.kind
+        self.where = connector.where
         self._prefix = prefix  # one prefix for every key: Kvrocks before 2.15 ignores SELECT
         self._ttl_s = ttl_s
         self._cache = _SessionCache(cache_bytes)
-        self.where = where  # "Redis at host:port", for messages
 
     @classmethod
     def from_settings(cls, settings) -> "RedisStore":
-        """The store and its client; init_context builds one per worker process."""
-        client, where, kind = redis_client.connect(settings)
+        """The store; init_context builds one per worker process."""
         return cls(
-            client,
+            redis_client.connect(settings),
             prefix=settings.state_prefix,
             ttl_s=settings.state_ttl_s,
             cache_bytes=settings.cache_bytes,
-            where=where,
-            kind=kind,
         )
+
+    @property
+    def _client(self):
+        # Only ever used inside `_call`: building a Cluster client connects, and may fail.
+        return self._connector.client()
 
     def create(self, session, fields):
         key = self._prefix + session
         gen = secrets.token_bytes(8)
-        pipe = self._client.pipeline(transaction=True)  # MULTI/EXEC: the hash and its TTL together
-        pipe.hset(key, mapping={_GEN: gen, **fields})
-        pipe.expire(key, self._ttl_s)
-        self._call(session, pipe.execute)
+
+        def write():
+            pipe = self._client.pipeline(transaction=True)  # MULTI/EXEC: the hash and its TTL together
+            pipe.hset(key, mapping={_GEN: gen, **fields})
+            pipe.expire(key, self._ttl_s)
+            return pipe.execute()
+
+        self._call(session, write)
         self._cache.merge(session, gen, fields)
 
     def read(self, session, names):
@@ -319,11 +325,15 @@ class RedisStore(StateStore):
     def _fetch(self, session: str, names: list, *, refresh: bool) -> tuple[Optional[bytes], dict[str, bytes]]:
         """(generation, the named fields that exist), in one round trip; refresh: also the TTL."""
         key = self._prefix + session
-        pipe = self._client.pipeline(transaction=False)
-        if refresh:
-            pipe.expire(key, self._ttl_s)  # 0: no such key
-        pipe.hmget(key, [_GEN, *names])
-        replies = self._call(session, pipe.execute)
+
+        def read():
+            pipe = self._client.pipeline(transaction=False)
+            if refresh:
+                pipe.expire(key, self._ttl_s)  # 0: no such key
+            pipe.hmget(key, [_GEN, *names])
+            return pipe.execute()
+
+        replies = self._call(session, read)
         gen, *values = replies[-1]
         if (refresh and not replies[0]) or (not refresh and gen is None):
             self._cache.drop(session)
@@ -364,12 +374,11 @@ class RedisStore(StateStore):
         """WATCH key, HMGET its `names`, then MULTI, the commands `decide(*values)` returns, EXEC.
 
         Returns (values, EXEC's replies); the replies are None when the key changed after WATCH,
-        in which case nothing was written. Two round trips; EXEC always ends the WATCH.
+        in which case nothing was written. Two round trips on one connection, never retried: a
+        retry on another connection would run MULTI/EXEC without the WATCH. EXEC ends the WATCH.
         """
-        if isinstance(self._client, redis.RedisCluster):
-            return self._watched_in_cluster(key, names, decide)
-        pool = self._client.connection_pool
-        conn = pool.get_connection("WATCH")
+        pool = self._pool_for(key)
+        conn = pool.get_connection()
         try:
             conn.send_packed_command(conn.pack_commands([("WATCH", key), ("HMGET", key, *names)]))
             conn.read_response()
@@ -384,26 +393,20 @@ class RedisStore(StateStore):
                     if isinstance(reply, redis.ResponseError):
                         raise reply
             return values, done
-        except BaseException:
+        except BaseException as e:
             conn.disconnect()  # never pool a connection with a WATCH pending or replies unread
+            if isinstance(e, (redis.exceptions.MovedError, redis.exceptions.AskError)):
+                self._client.nodes_manager.initialize()  # the slot moved: a retry finds its node
             raise
         finally:
             pool.release(conn)
 
-    def _watched_in_cluster(self, key: str, names: list, decide) -> tuple[list, Optional[list]]:
-        """`_watched` through redis-py's cluster transaction, which finds the key's node (and
-        follows it when a slot moves): three round trips, WATCH and HMGET each taking one."""
-        with self._client.pipeline(transaction=True) as pipe:
-            pipe.watch(key)
-            values = pipe.hmget(key, names)
-            commands = decide(*values)
-            pipe.multi()
-            for command in commands:
-                pipe.execute_command(*command)
-            try:
-                return values, pipe.execute()
-            except redis.WatchError:
-                return values, None
+    def _pool_for(self, key: str) -> redis.ConnectionPool:
+        """The connections to the server holding `key`: in a Cluster, its slot's master."""
+        client = self._client
+        if isinstance(client, redis.RedisCluster):
+            return client.get_redis_connection(client.get_node_from_key(key)).connection_pool
+        return client.connection_pool
 
     def delete(self, *sessions):
         for session in sessions:
@@ -411,7 +414,7 @@ class RedisStore(StateStore):
         self._call(None, lambda: self._client.delete(*(self._prefix + s for s in sessions)))
 
     def ping(self):
-        self._call(None, self._client.ping)
+        self._call(None, lambda: self._client.ping())
 
     def check(self):
         # Also a harmless write under the prefix: an ACL without the prefix's keys (NOPERM) or a
@@ -420,27 +423,40 @@ class RedisStore(StateStore):
         self._call(None, lambda: self._client.delete(self._prefix + "#start-up-check"))
 
     def close(self):
-        self._client.connection_pool.disconnect()
+        if self._connector.built:
+            self._client.close()
 
     def _call(self, session: Optional[str], fn):
-        """Run fn, turning Redis' errors into the tracker's own."""
+        """Run fn, turning Redis' errors into the tracker's own. Messages carry the error's own
+        words only (`reason`), never the command redis-py may prefix, which names the session."""
         try:
             return fn()
+        except MasterNotFoundError as e:  # its text lists every Sentinel client's settings
+            raise StoreUnavailable(
+                f"state store ({self.where}): the Sentinels name no master that is up; retry later"
+            ) from e
         except redis.AuthenticationError as e:
-            raise StoreUnavailable(f"state store ({self.where}) refused the user or password ({e})") from e
+            raise StoreUnavailable(f"state store ({self.where}) refused the user or password ({reason(e)})") from e
         except (redis.ConnectionError, redis.TimeoutError) as e:
             raise StoreUnavailable(
-                f"state store ({self.where}) is unreachable or did not answer in time ({e}); retry later"
+                f"state store ({self.where}) is unreachable or did not answer in time ({reason(e)}); retry later"
             ) from e
+        except (redis.exceptions.MovedError, redis.exceptions.AskError) as e:  # a commit's own connection
+            raise StoreUnavailable(f"state store ({self.where}): a slot moved to another node; retry") from e
+        except redis.exceptions.ReadOnlyError as e:
+            # A failover behind one address (DNS, a managed service): drop the connections to the
+            # demoted master, so that the retry connects to the new one.
+            if not isinstance(self._client, redis.RedisCluster):
+                self._client.connection_pool.disconnect()
+            raise StoreUnavailable(f"state store ({self.where}) is a read-only replica now; retry later") from e
         except redis.ResponseError as e:
-            reason = redis_client.reason(e)
-            if session is not None and reason.startswith("WRONGTYPE"):
+            if session is not None and reason(e).startswith("WRONGTYPE"):
                 raise StateNotFound(
                     f"tracking state {session} is not a tracking session in the store; re-initialize the object"
                 ) from e
-            raise StoreUnavailable(f"state store ({self.where}) refused a command ({reason})") from e
+            raise StoreUnavailable(f"state store ({self.where}) refused a command ({reason(e)})") from e
         except (redis.RedisError, RedisClusterException) as e:
-            raise StoreUnavailable(f"state store ({self.where}) failed ({e})") from e
+            raise StoreUnavailable(f"state store ({self.where}) failed ({reason(e)})") from e
 
 
 def make_store(settings) -> StateStore:

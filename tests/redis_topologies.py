@@ -64,13 +64,19 @@ def acl_server(*, user: str, password: str, prefix: str) -> RedisServer:
     the test itself."""
     # What the store sends and nothing else (AUTH needs no grant); tests/test_redis_tracking.py
     # shows with MONITOR that a session sends exactly these.
-    grants = [f"+{command.lower()}" for command in COMMANDS]
-    return RedisServer(  # one argument per ACL rule: redis-server splits nothing
+    return RedisServer(
         "--user", "default", "off",
-        "--user", user, "on", f">{password}", "resetkeys", f"~{prefix}*", "-@all", *grants,
+        *store_user(user, password, prefix),
         "--user", "admin", "on", ">admin", "~*", "&*", "+@all",
         client_options={"username": "admin", "password": "admin"},
     )
+
+
+def store_user(user: str, password: str, prefix: str) -> tuple:
+    """redis-server arguments for an ACL user that may send the store's commands on `prefix*`,
+    and nothing else; one argument per rule, as redis-server splits nothing."""
+    return ("--user", user, "on", f">{password}", "resetkeys", f"~{prefix}*", "-@all",
+            *(f"+{command.lower()}" for command in COMMANDS))
 
 
 # --- Sentinel ----------------------------------------------------------------------------------
@@ -78,17 +84,25 @@ def acl_server(*, user: str, password: str, prefix: str) -> RedisServer:
 class SentinelSet:
     """A master, one replica, and three Sentinels watching them as `name`."""
 
-    def __init__(self, name: str = "tracked"):
+    def __init__(self, name: str = "tracked", *data_node_args: str):
+        """`data_node_args`: more redis-server arguments for the master and the replica."""
         self.name = name
-        self.master = RedisServer()
-        self.replica = RedisServer()
+        self.master = RedisServer(*data_node_args)
+        self.replica = RedisServer(*data_node_args)
         self.sentinels: list[subprocess.Popen] = []
         self.sentinel_ports = [free_port() for _ in range(3)]
         self._dir = tempfile.mkdtemp(prefix="redis-sentinel-test-")
 
     def start(self) -> "SentinelSet":
+        try:
+            return self._start()
+        except BaseException:
+            self.close()  # no process left behind
+            raise
+
+    def _start(self) -> "SentinelSet":
         self.master.start()
-        self.replica.args = ("--replicaof", "127.0.0.1", str(self.master.port))
+        self.replica.args += ("--replicaof", "127.0.0.1", str(self.master.port))
         self.replica.start()
         for port in self.sentinel_ports:
             conf = os.path.join(self._dir, f"sentinel-{port}.conf")
@@ -154,6 +168,13 @@ class Cluster:
                                   port=_port_below(55536)) for _ in range(3)]
 
     def start(self) -> "Cluster":
+        try:
+            return self._start()
+        except BaseException:
+            self.close()  # no process left behind
+            raise
+
+    def _start(self) -> "Cluster":
         for node in self.nodes:
             node.start()
         subprocess.run(
@@ -165,6 +186,20 @@ class Cluster:
 
     def _ready(self) -> bool:
         return all(node.client().cluster("info").get("cluster_state") == "ok" for node in self.nodes)
+
+    def move_slot_of(self, key: str) -> None:
+        """Move the slot holding `key`, with its keys, to another node, as a resharding does."""
+        slot = self.client().keyslot(key)
+        ids = {node.port: node.client().execute_command("CLUSTER", "MYID").decode() for node in self.nodes}
+        source = next(n for n in self.nodes if any(
+            s[0] <= slot <= s[1] for s in _slot_ranges(n.client(), ids[n.port])))
+        target = next(n for n in self.nodes if n is not source)
+        target.client().execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", ids[source.port])
+        source.client().execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", ids[target.port])
+        for moving in source.client().execute_command("CLUSTER", "GETKEYSINSLOT", slot, 1000):
+            source.client().execute_command("MIGRATE", "127.0.0.1", target.port, moving, 0, 5000)
+        for node in self.nodes:
+            node.client().execute_command("CLUSTER", "SETSLOT", slot, "NODE", ids[target.port])
 
     def client(self) -> redis.RedisCluster:
         return redis.RedisCluster(host="127.0.0.1", port=self.nodes[0].port, socket_timeout=10)
@@ -182,3 +217,9 @@ def _port_below(limit: int) -> int:
         port = free_port()
         if port < limit:
             return port
+
+
+def _slot_ranges(client: redis.Redis, node_id: str) -> list:
+    """The (first, last) slot ranges `node_id` serves, from CLUSTER SLOTS."""
+    return [(entry[0], entry[1]) for entry in client.execute_command("CLUSTER", "SLOTS")
+            if entry[2][2].decode() == node_id]

@@ -88,6 +88,11 @@ def test_same_weights_give_the_same_fingerprint_and_other_weights_another(settin
     ({"SAM2_REDIS_SENTINELS": "s1:99999"}, "SAM2_REDIS_SENTINELS must be"),
     ({"SAM2_REDIS_PASSWORD_FILE": "/nonexistent/secret"}, "SAM2_REDIS_PASSWORD_FILE.*cannot be read"),
     ({"SAM2_REDIS_TLS_CERT_FILE": "/nonexistent/cert.pem"}, "SAM2_REDIS_TLS_CERT_FILE.*cannot be read"),
+    ({"SAM2_REDIS_URL": "rediss://cache:6380?ssl_cert_reqs=none"}, "takes no [?]options"),
+    ({"SAM2_REDIS_URL": "redis://cache:6379?protocol=3"}, "takes no [?]options"),
+    ({"SAM2_REDIS_URL": "redis://cache:6379/3"}, "takes no database number"),
+    ({"SAM2_REDIS_URL": "unix:///run/redis.sock", "SAM2_REDIS_TLS_CA_FILE": __file__}, "no TLS"),
+    ({"CVAT_FUNCTIONS_REDIS_PORT": "70000"}, "CVAT_FUNCTIONS_REDIS_PORT must be a port number"),
 ])
 def test_redis_settings_that_cannot_work_are_refused_by_name(env, message):
     with pytest.raises(ValueError, match=message):
@@ -126,3 +131,11 @@ def test_every_variable_config_reads_has_a_row_in_a_readme_table():
     rows = [line for line in (root / "README.md").read_text().splitlines() if line.startswith("| `")]
     documented = {name for row in rows for name in re.findall(r"`([A-Z0-9_]+)`", row.split(" | ")[0])}
     assert len(read) > 20 and read <= documented, sorted(read - documented)
+
+
+@pytest.mark.parametrize("url", ["redis://:Ab3/xYz9SECRET@cache", "redis://:Ab3#SECRET@cache:6379", "redis://u:SECRET@cache:6379/9?a=b"])
+def test_a_malformed_url_is_refused_without_quoting_its_password(url):
+    with pytest.raises(ValueError, match="SAM2_REDIS_URL") as refused:
+        Settings.from_env({"SAM2_REDIS_URL": url})
+    assert "SECRET" not in str(refused.value) and "Ab3" not in str(refused.value)
+    assert "SECRET" not in repr(Settings.from_env({"SAM2_REDIS_URL": "redis://u:SECRET@cache:6379"}))

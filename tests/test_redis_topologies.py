@@ -4,7 +4,12 @@ serves a whole session across two replicas with the official predictor's masks, 
 misconfiguration stops the function at start-up with one line saying what to fix."""
 
 import collections
+import json
+import logging
+import os
 import signal
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -13,12 +18,13 @@ import redis
 
 from config import Settings
 from redis_client import CLUSTER_COMMANDS, COMMANDS
-from redis_server import RedisServer, redis_server  # noqa: F401 - fixture
-from redis_topologies import Cluster, SentinelSet, acl_server, make_certificates, tls_server
+from redis_server import RedisServer, free_port, redis_server  # noqa: F401 - fixture
+from errors import StoreUnavailable
+from redis_topologies import Cluster, SentinelSet, acl_server, make_certificates, store_user, tls_server
 from replicas import Replica
 from state_store import RedisStore
 from support import (
-    FRAME_H, FRAME_W, Function, answer_mask, assert_same_masks, body, first_masks, mask_shape, model_env,
+    FRAME_H, FRAME_W, ROOT, Function, answer_mask, assert_same_masks, body, first_masks, mask_shape, model_env,
     start_up_failure,
 )
 
@@ -104,6 +110,23 @@ def test_tls_files_alone_turn_tls_on_for_a_host_and_port(checkpoint, tls, certs)
     assert first.call(None, method="GET")[0] == 200
 
 
+def test_a_key_inside_the_certificate_file_and_the_systems_cas_are_used(tls, certs, tmp_path):
+    both = tmp_path / "client.pem"
+    both.write_text(open(certs["client.crt"]).read() + open(certs["client.key"]).read())
+    env = {"SAM2_REDIS_URL": f"rediss://127.0.0.1:{tls.port}", "SAM2_REDIS_TLS_CERT_FILE": str(both)}
+    # No CA file: the system's trusted CAs, which OpenSSL takes from SSL_CERT_FILE when it is set.
+    check = "from config import Settings; from state_store import RedisStore; import os, json; " \
+            "RedisStore.from_settings(Settings.from_env(json.loads(os.environ['ENV']))).check()"
+    run = lambda extra: subprocess.run(  # noqa: E731
+        [sys.executable, "-c", check], cwd=ROOT, capture_output=True, text=True,
+        env={**os.environ, "ENV": json.dumps(env), **extra},
+    )
+    trusted = run({"SSL_CERT_FILE": certs["ca.crt"]})
+    assert trusted.returncode == 0, trusted.stderr
+    untrusted = run({"SSL_CERT_FILE": certs["other-ca.crt"]})
+    assert untrusted.returncode != 0 and "CERTIFICATE_VERIFY_FAILED" in untrusted.stderr
+
+
 def test_a_wrong_ca_stops_the_start_up_with_one_line(tls, certs, caplog):
     error = start_up_failure(tls_env(certs, tls.port, ca="other-ca.crt"), caplog)
     assert "TLS handshake failed" in error and "CERTIFICATE_VERIFY_FAILED" in error
@@ -123,7 +146,7 @@ def test_an_unreadable_tls_file_stops_the_start_up_with_one_line(tls, certs, cap
 
 def test_the_host_name_is_checked_against_the_certificate(tls, certs, caplog):
     error = start_up_failure(tls_env(certs, tls.port, host="127.0.0.2"), caplog)
-    assert "TLS handshake failed" in error and "127.0.0.2" in error
+    assert "TLS handshake failed" in error and "IP address mismatch" in error
 
 
 # --- ACL user and password file ----------------------------------------------------------------
@@ -160,15 +183,36 @@ def test_an_acl_user_limited_to_the_stores_commands_and_prefix_serves_a_session(
         user.hset("elsewhere", "f", "v")
 
 
-@pytest.mark.parametrize("change, expected", [
-    ({"password": "wrong"}, "refused the user or password"),
-    ({"SAM2_STATE_PREFIX": "other:"}, "may not run the store's commands on its keys"),
+@pytest.mark.parametrize("password, change, expected", [
+    ("wrong", {}, "refused the user or password"),
+    ("s3cret pass", {"SAM2_STATE_PREFIX": "other:"}, "may not run the store's commands on its keys"),
 ])
-def test_wrong_credentials_or_prefix_stop_the_start_up_with_one_line(acl, tmp_path, caplog, change, expected):
-    password = change.pop("password", "s3cret pass")
+def test_wrong_credentials_or_prefix_stop_the_start_up_with_one_line(acl, tmp_path, caplog, password, change, expected):
     error = start_up_failure(acl_env(acl, tmp_path, password, **change), caplog)
     assert expected in error
     assert password not in error
+
+
+def test_a_url_carries_the_user_and_a_percent_encoded_password_and_wins_over_the_host(acl):
+    url = f"redis://tracker:s3cret%20pass@127.0.0.1:{acl.port}"
+    env = {"SAM2_REDIS_URL": url, "CVAT_FUNCTIONS_REDIS_HOST": "nowhere.invalid"}
+    store = RedisStore.from_settings(Settings.from_env(env))
+    store.check()
+    store.create("u", {"x": b"1"})
+    assert store.read("u", ["x"]) == {"x": b"1"}
+    assert "s3cret" not in store.where and "nowhere" not in store.where
+
+
+def test_a_unix_socket_url(tmp_path):
+    path = str(tmp_path / "redis.sock")
+    server = RedisServer("--unixsocket", path, "--unixsocketperm", "700").start()
+    try:
+        store = RedisStore.from_settings(Settings.from_env({"SAM2_REDIS_URL": f"unix://{path}"}))
+        store.check()
+        store.create("u", {"x": b"1"})
+        assert server.client().hget(PREFIX + "u", "x") == b"1"
+    finally:
+        server.close()
 
 
 def test_an_unreadable_password_file_stops_the_start_up_with_one_line(tmp_path, caplog):
@@ -229,6 +273,17 @@ def test_a_sentinel_failover_mid_session_gives_503_then_the_official_masks(check
     print(f"\nSentinel failover: {statuses.count(503)} answers 503, {lost} states lost, "
           f"first 200 after {recovered_s:.1f} s (down-after-milliseconds 1000)")
     assert recovered_s < 30
+
+
+def test_an_unreachable_store_at_start_up_only_warns_and_requests_answer_503(checkpoint, caplog):
+    caplog.set_level(logging.WARNING, logger="nuclio_sdk")
+    env = {"CVAT_FUNCTIONS_REDIS_HOST": "127.0.0.1", "CVAT_FUNCTIONS_REDIS_PORT": str(free_port()),
+           "SAM2_REDIS_TIMEOUT_SECONDS": "1"}
+    function = Function({**model_env(checkpoint), **env})  # starts: the store may come back
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert warnings == ["state store unreachable at start-up; requests answer 503 until it is back"]
+    status, answer = function.call(None, method="GET")
+    assert status == 503 and "state store" in answer["error"]
 
 
 def test_a_read_only_replica_stops_the_start_up_with_one_line(redis_server, caplog):  # noqa: F811
@@ -314,13 +369,60 @@ def sent(before: dict, after: dict) -> set:
     return {name for name, calls in after.items() if calls > before.get(name, 0)} - {"INFO"}  # INFO: ours
 
 
-def test_sentinel_and_cluster_clients_send_only_the_listed_commands(sentinels, cluster):
-    data_nodes = [sentinels.master.port, sentinels.replica.port]
-    before = commands_run(data_nodes)
-    store_workout(RedisStore.from_settings(Settings.from_env(sentinels.env())))
-    assert sent(before, commands_run(data_nodes)) == set(COMMANDS)
+def test_sentinel_and_cluster_clients_send_only_the_listed_commands(cluster):
+    # Sentinel: the data nodes take only the store's commands from the store's user (the
+    # Sentinels and the replica talk to the master too, so counting commands there would not do).
+    group = SentinelSet("tracked", *store_user("tracker", "pw", PREFIX)).start()
+    try:
+        env = {**group.env(), "SAM2_REDIS_USERNAME": "tracker", "CVAT_FUNCTIONS_REDIS_PASSWORD": "pw"}
+        store_workout(RedisStore.from_settings(Settings.from_env(env)))
+    finally:
+        group.close()
 
+    # Cluster (no replicas, no Sentinels): what the nodes ran is what the client sent.
     nodes = [node.port for node in cluster.nodes]
     before = commands_run(nodes)
     store_workout(RedisStore.from_settings(Settings.from_env(cluster.env())))
     assert sent(before, commands_run(nodes)) == set(COMMANDS) | set(CLUSTER_COMMANDS)
+
+
+class Interrupted(RedisStore):
+    """A store whose next commit runs `meanwhile()` between its check and its write."""
+
+    meanwhile = None
+
+    def _watched(self, key, names, decide):
+        def interrupted(*values):
+            commands = decide(*values)
+            if self.meanwhile is not None:
+                meanwhile, self.meanwhile = self.meanwhile, None
+                meanwhile()
+            return commands
+
+        return super()._watched(key, names, interrupted)
+
+
+def test_a_cluster_commit_cut_off_after_another_replicas_write_leaves_that_write(cluster):
+    env = Settings.from_env({**cluster.env(), "SAM2_REDIS_TIMEOUT_SECONDS": "2"})
+    store, other = Interrupted.from_settings(env), RedisStore.from_settings(env)
+    store.create("cut", {"s:0": b"t0"})
+
+    def overtaken_then_cut_off():
+        other.commit("cut", guard=("s:1", b"theirs"), put={"m:1": b"theirs"})
+        for node in cluster.nodes:  # every connection but this admin one: ours holds the WATCH
+            node.client().execute_command("CLIENT", "KILL", "TYPE", "normal", "SKIPME", "yes")
+
+    store.meanwhile = overtaken_then_cut_off
+    with pytest.raises(StoreUnavailable):  # not retried without its WATCH, which would overwrite
+        store.commit("cut", guard=("s:1", b"mine"), put={"m:1": b"mine"})
+    assert cluster.client().hmget(PREFIX + "cut", ["s:1", "m:1"]) == [b"theirs", b"theirs"]
+
+
+def test_a_commit_follows_its_slot_to_another_node(cluster):
+    store = RedisStore.from_settings(Settings.from_env(cluster.env()))
+    store.create("moving", {"s:0": b"t0"})
+    cluster.move_slot_of(PREFIX + "moving")
+    with pytest.raises(StoreUnavailable, match="slot moved"):  # the first try meets the move
+        store.commit("moving", guard=("s:1", b"t1"), put={})
+    assert store.commit("moving", guard=("s:1", b"t1"), put={}) is True  # the retry finds the node
+    assert store.read("moving", ["s:0", "s:1"]) == {"s:0": b"t0", "s:1": b"t1"}
