@@ -109,7 +109,14 @@ class Settings:
 
     def _checked(self) -> "Settings":
         """Refuse combinations of Redis settings that cannot mean what the operator wants."""
-        url = urllib.parse.urlsplit(self.redis_url or "")
+        try:
+            url = urllib.parse.urlsplit(self.redis_url or "")
+            url.hostname, url.port  # noqa: B018 - parses them
+        except ValueError:  # its message may quote the URL, password included
+            raise ValueError(
+                "SAM2_REDIS_URL cannot be parsed; characters such as / ? # @ [ ] % in a password must be "
+                "percent-encoded (or use SAM2_REDIS_PASSWORD_FILE)"
+            ) from None
         if self.redis_url:
             _check_url(url)
         if not 0 < self.redis_port < 65536:
@@ -136,13 +143,6 @@ def _check_url(url: urllib.parse.SplitResult) -> None:
     a password."""
     if url.scheme not in ("redis", "rediss", "unix"):
         raise ValueError("SAM2_REDIS_URL must start with redis://, rediss:// or unix://")
-    try:
-        url.port  # noqa: B018 - parses it
-    except ValueError:
-        raise ValueError(
-            "SAM2_REDIS_URL has no valid port; a password holding '/', '?', '#' or '@' must be "
-            "percent-encoded (or use SAM2_REDIS_PASSWORD_FILE)"
-        ) from None
     # redis-py would let query options (protocol, ssl_cert_reqs, ...) override what the function
     # pins, and a database number is a SELECT, which Kvrocks ignores and an ACL user may lack.
     if url.query or url.fragment:
@@ -157,8 +157,11 @@ def _password(env: Mapping[str, str], path: Optional[str]) -> Optional[str]:
     """The password file's content (one trailing newline dropped) wins over the variable."""
     if path is None:
         return env.get("CVAT_FUNCTIONS_REDIS_PASSWORD", "").strip() or None
-    with open(path, encoding="utf-8") as f:
-        password = f.read().removesuffix("\n").removesuffix("\r")
+    try:
+        with open(path, encoding="utf-8") as f:
+            password = f.read().removesuffix("\n").removesuffix("\r")
+    except UnicodeDecodeError:  # its message would quote a byte of the password
+        raise ValueError(f"SAM2_REDIS_PASSWORD_FILE={path!r} is not UTF-8 text") from None
     if not password:
         raise ValueError(f"SAM2_REDIS_PASSWORD_FILE={path!r} is empty")
     return password

@@ -16,7 +16,7 @@ from config import Settings
 from errors import ModelLoadError, StoreUnavailable, TrackerError
 from model_handler import load_tracker
 from protocol import parse_body, parse_request
-from redis_client import StoreMisconfigured, misconfiguration
+from redis_client import StoreMisconfigured, misconfiguration, tls_hint
 from state_store import make_store
 from tracking import RequestStats, TrackingService
 
@@ -55,7 +55,7 @@ def _check_store(context, store, settings) -> None:
         if problem is not None:
             raise StoreMisconfigured(f"state store ({store.where}): {problem}") from None
         context.logger.warn_with("state store unreachable at start-up; requests answer 503 until it is back",
-                                 error=str(e))
+                                 error=str(e), hint=tls_hint(e.__cause__, settings))
 
 
 def _respond(context, status: int, body: dict):
@@ -80,9 +80,6 @@ def handler(context, event):
         request = parse_request(payload, settings, stats)
         body = service.track(image=request.image, frame_digest=request.frame_digest, objects=request.objects,
                              stats=stats)
-        response = _respond(context, 200, body)
-        _log_request(context, service, stats, started, status=200)
-        return response
     except TrackerError as e:
         response = _respond(context, e.status, {"error": str(e)})
         if health:
@@ -95,6 +92,10 @@ def handler(context, event):
         response = _respond(context, 500, {"error": f"internal error ({type(e).__name__}); see the function's log"})
         _log_request(context, service, stats, started, status=500, error=e, trace=trace)
         return response
+    # Outside the try: the states are written, so nothing after this may turn the answer into a 500.
+    response = _respond(context, 200, body)
+    _log_request(context, service, stats, started, status=200)
+    return response
 
 
 def _health(service: TrackingService) -> dict:

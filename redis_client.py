@@ -7,6 +7,7 @@ Kvrocks 2.7) and sends a username only when one is set (Kvrocks 2.7 refuses `AUT
 """
 
 import ssl
+import threading
 import urllib.parse
 from typing import Optional
 
@@ -35,6 +36,7 @@ class Connector:
     def __init__(self, build, *, where: str, kind: str):
         self._build = build
         self._client = None
+        self._lock = threading.Lock()  # the health-check thread may ask first
         self.where = where  # names the store in messages, never with a password
         self.kind = kind  # "redis", "redis-sentinel" or "redis-cluster", for logs
 
@@ -43,9 +45,10 @@ class Connector:
         return self._client is not None
 
     def client(self):
-        if self._client is None:
-            self._client = self._build()
-        return self._client
+        with self._lock:
+            if self._client is None:
+                self._client = self._build()
+            return self._client
 
 
 def connect(settings) -> Connector:
@@ -169,10 +172,22 @@ def _problem(error: BaseException, settings) -> Optional[str]:
         )
     if isinstance(error, redis.exceptions.ReadOnlyError):
         return "the server is a read-only replica; point the function at the master"
-    if isinstance(error, (redis.exceptions.MovedError, redis.exceptions.AskError)):
+    cluster_node = isinstance(error, (redis.exceptions.MovedError, redis.exceptions.AskError))
+    cluster_node = cluster_node or isinstance(error, redis.exceptions.ClusterCrossSlotError)  # CROSSSLOT
+    if not settings.redis_cluster and cluster_node:
         return "the server is a Redis Cluster node: set SAM2_REDIS_CLUSTER=true"
     if "cluster support disabled" in text or "Cluster mode is not enabled" in text:
         return "the server is not part of a Redis Cluster: unset SAM2_REDIS_CLUSTER"
+    # Any other refusal of the start-up check's commands, from a healthy server (say "EXEC
+    # without MULTI" from an ACL lacking MULTI, whose own NOPERM redis-py does not report).
+    passing = (redis.exceptions.OutOfMemoryError, redis.exceptions.ClusterDownError, redis.exceptions.TryAgainError)
+    if isinstance(error, redis.ResponseError) and not isinstance(error, passing) and not text.startswith(
+        ("MASTERDOWN", "LOADING", "BUSY")
+    ):
+        return (
+            f"the server refused a command the function needs ({text}); the user needs "
+            f"{' '.join(COMMANDS)} on ~{settings.state_prefix}*"
+        )
     tls = _tls_misconfiguration(error)
     if tls is not None:
         return (
@@ -185,6 +200,17 @@ def _problem(error: BaseException, settings) -> Optional[str]:
             "check SAM2_REDIS_SENTINEL_MASTER and SAM2_REDIS_SENTINELS"
         )
     return None
+
+
+def tls_hint(error: Optional[BaseException], settings) -> str:
+    """For an outage at start-up, what a TLS mismatch would look like: a TLS server drops a plain
+    connection, and a plain one never answers a TLS handshake (it waits for a newline)."""
+    text = " ".join(str(e) for e in _chain(error))
+    if settings.redis_tls and "Timeout" in text:
+        return "if the server does not use TLS, use redis:// and no SAM2_REDIS_TLS_* files"
+    if not settings.redis_tls and ("reset by peer" in text or "Connection closed" in text):
+        return "if the server uses TLS, use a rediss:// URL or set SAM2_REDIS_TLS_CA_FILE"
+    return ""
 
 
 def reason(error: BaseException) -> str:

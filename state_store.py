@@ -11,6 +11,7 @@ shares them between replicas through Redis or Kvrocks.
 
 import abc
 import collections
+import re
 import secrets
 import threading
 import time
@@ -395,7 +396,7 @@ class RedisStore(StateStore):
             return values, done
         except BaseException as e:
             conn.disconnect()  # never pool a connection with a WATCH pending or replies unread
-            if isinstance(e, (redis.exceptions.MovedError, redis.exceptions.AskError)):
+            if isinstance(e, redis.exceptions.MovedError) and isinstance(self._client, redis.RedisCluster):
                 self._client.nodes_manager.initialize()  # the slot moved: a retry finds its node
             raise
         finally:
@@ -417,14 +418,26 @@ class RedisStore(StateStore):
         self._call(None, lambda: self._client.ping())
 
     def check(self):
-        # Also a harmless write under the prefix: an ACL without the prefix's keys (NOPERM) or a
-        # read-only replica (READONLY) shows at start-up, not on the first annotator's request.
+        # A throw-away session taken through every command a request sends, under the prefix: an
+        # ACL without one of them or without the prefix's keys (NOPERM), a read-only replica
+        # (READONLY) or a Cluster node used as a single server (MOVED, or CROSSSLOT from the DEL
+        # of two keys) shows at start-up, not on the first annotator's request. Its name is
+        # random, so replicas starting together do not meet, and it expires like any session.
         self.ping()
-        self._call(None, lambda: self._client.delete(self._prefix + "#start-up-check"))
+        first, second = (f"#start-up-check-{secrets.token_hex(8)}" for _ in range(2))
+        self.create(first, {"s:0": b"0", "m:0": b"0"})
+        self.read(first, ["s:0"])
+        self.commit(first, guard=("s:1", b"1"), put={"m:1": b"1"}, delete=["m:0"])
+        self.delete(first, second)
 
     def close(self):
         if self._connector.built:
             self._client.close()
+
+    def _words(self, error: BaseException) -> str:
+        """The error's own words, any key in them (a session id) masked: some redis-py errors
+        quote the command they failed on."""
+        return re.sub(re.escape(self._prefix) + r"[^\s'\",)\]]*", "<key>", reason(error))
 
     def _call(self, session: Optional[str], fn):
         """Run fn, turning Redis' errors into the tracker's own. Messages carry the error's own
@@ -436,12 +449,15 @@ class RedisStore(StateStore):
                 f"state store ({self.where}): the Sentinels name no master that is up; retry later"
             ) from e
         except redis.AuthenticationError as e:
-            raise StoreUnavailable(f"state store ({self.where}) refused the user or password ({reason(e)})") from e
+            raise StoreUnavailable(f"state store ({self.where}) refused the user or password ({self._words(e)})") from e
         except (redis.ConnectionError, redis.TimeoutError) as e:
             raise StoreUnavailable(
-                f"state store ({self.where}) is unreachable or did not answer in time ({reason(e)}); retry later"
+                f"state store ({self.where}) is unreachable or did not answer in time ({self._words(e)}); retry later"
             ) from e
         except (redis.exceptions.MovedError, redis.exceptions.AskError) as e:  # a commit's own connection
+            if not isinstance(self._client, redis.RedisCluster):
+                raise StoreUnavailable(f"state store ({self.where}) is a Redis Cluster node: set "
+                                       "SAM2_REDIS_CLUSTER=true") from e
             raise StoreUnavailable(f"state store ({self.where}): a slot moved to another node; retry") from e
         except redis.exceptions.ReadOnlyError as e:
             # A failover behind one address (DNS, a managed service): drop the connections to the
@@ -454,9 +470,9 @@ class RedisStore(StateStore):
                 raise StateNotFound(
                     f"tracking state {session} is not a tracking session in the store; re-initialize the object"
                 ) from e
-            raise StoreUnavailable(f"state store ({self.where}) refused a command ({reason(e)})") from e
+            raise StoreUnavailable(f"state store ({self.where}) refused a command ({self._words(e)})") from e
         except (redis.RedisError, RedisClusterException) as e:
-            raise StoreUnavailable(f"state store ({self.where}) failed ({reason(e)})") from e
+            raise StoreUnavailable(f"state store ({self.where}) failed ({self._words(e)})") from e
 
 
 def make_store(settings) -> StateStore:

@@ -133,7 +133,18 @@ def test_every_variable_config_reads_has_a_row_in_a_readme_table():
     assert len(read) > 20 and read <= documented, sorted(read - documented)
 
 
-@pytest.mark.parametrize("url", ["redis://:Ab3/xYz9SECRET@cache", "redis://:Ab3#SECRET@cache:6379", "redis://u:SECRET@cache:6379/9?a=b"])
+def test_a_password_file_that_is_not_text_is_refused_without_quoting_it(tmp_path):
+    secret = tmp_path / "password"
+    secret.write_bytes(b"p\xffSECRET")
+    with pytest.raises(ValueError, match="SAM2_REDIS_PASSWORD_FILE.*not UTF-8") as refused:
+        Settings.from_env({"SAM2_REDIS_PASSWORD_FILE": str(secret)})
+    assert "SECRET" not in str(refused.value) and "xff" not in str(refused.value)
+
+
+@pytest.mark.parametrize("url", [
+    "redis://:Ab3/xYz9SECRET@cache", "redis://:Ab3#SECRET@cache:6379", "redis://u:SECRET@cache:6379/9?a=b",
+    "redis://:pa[SECRET]x@cache:6379", "redis://:[SECRET@cache",
+])
 def test_a_malformed_url_is_refused_without_quoting_its_password(url):
     with pytest.raises(ValueError, match="SAM2_REDIS_URL") as refused:
         Settings.from_env({"SAM2_REDIS_URL": url})

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 
+import nuclio_sdk
 import numpy as np
 import pytest
 import redis
@@ -144,6 +145,22 @@ def test_an_unreadable_tls_file_stops_the_start_up_with_one_line(tls, certs, cap
     assert "SAM2_REDIS_TLS_CA_FILE" in error and "cannot be read" in error
 
 
+def test_tls_on_one_side_only_warns_with_a_hint(tls, redis_server, certs, caplog):  # noqa: F811
+    import main
+
+    caplog.set_level(logging.WARNING, logger="nuclio_sdk")
+    context = nuclio_sdk.Context(logger=nuclio_sdk.Logger(logging.DEBUG))
+    for env, hint in [
+        ({"SAM2_REDIS_URL": f"redis://127.0.0.1:{tls.port}"}, "use a rediss:// URL"),
+        ({**tls_env(certs, redis_server.port), "SAM2_REDIS_TIMEOUT_SECONDS": "1"}, "use redis://"),
+    ]:
+        caplog.clear()
+        settings = Settings.from_env(env)
+        main._check_store(context, RedisStore.from_settings(settings), settings)  # warns, does not stop
+        [record] = [r for r in caplog.records if r.levelno >= logging.WARNING]
+        assert hint in record.__dict__["with"]["hint"]
+
+
 def test_the_host_name_is_checked_against_the_certificate(tls, certs, caplog):
     error = start_up_failure(tls_env(certs, tls.port, host="127.0.0.2"), caplog)
     assert "TLS handshake failed" in error and "IP address mismatch" in error
@@ -213,6 +230,17 @@ def test_a_unix_socket_url(tmp_path):
         assert server.client().hget(PREFIX + "u", "x") == b"1"
     finally:
         server.close()
+
+
+@pytest.mark.parametrize("missing", [c.lower() for c in COMMANDS if c not in ("PING", "DEL")])
+def test_a_user_lacking_any_one_command_stops_the_start_up(acl, tmp_path, caplog, missing):
+    grants = [f"+{c.lower()}" for c in COMMANDS if c.lower() != missing]
+    acl.client().execute_command("ACL", "SETUSER", "partial", "reset", "on", ">pw", f"~{PREFIX}*", *grants)
+    env = {**acl_env(acl, tmp_path), "SAM2_REDIS_USERNAME": "partial"}
+    env["SAM2_REDIS_PASSWORD_FILE"] = str(tmp_path / "pw")
+    (tmp_path / "pw").write_text("pw")
+    error = start_up_failure(env, caplog)
+    assert "may not run the store's commands" in error or "refused a command the function needs" in error
 
 
 def test_an_unreadable_password_file_stops_the_start_up_with_one_line(tmp_path, caplog):
@@ -430,10 +458,9 @@ def test_a_commit_follows_its_slot_to_another_node(cluster):
 
 
 def test_cluster_mode_set_wrong_either_way_stops_the_start_up_with_one_line(cluster, redis_server, caplog):  # noqa: F811
-    # Not set, on a cluster: the start-up write meets a MOVED on one key of three; this one does.
-    node = next(n for n in cluster.nodes if cluster.client().get_node_from_key(PREFIX + "#start-up-check").port != n.port)
-    env = {"CVAT_FUNCTIONS_REDIS_HOST": "127.0.0.1", "CVAT_FUNCTIONS_REDIS_PORT": str(node.port)}
-    assert "set SAM2_REDIS_CLUSTER=true" in start_up_failure(env, caplog)
-    caplog.clear()
+    for node in cluster.nodes:  # each node, whichever slots the start-up check's keys fall in
+        env = {"CVAT_FUNCTIONS_REDIS_HOST": "127.0.0.1", "CVAT_FUNCTIONS_REDIS_PORT": str(node.port)}
+        assert "set SAM2_REDIS_CLUSTER=true" in start_up_failure(env, caplog)
+        caplog.clear()
     env = {"SAM2_REDIS_URL": f"redis://127.0.0.1:{redis_server.port}", "SAM2_REDIS_CLUSTER": "true"}
     assert "unset SAM2_REDIS_CLUSTER" in start_up_failure(env, caplog)
