@@ -97,6 +97,13 @@ case "$platform" in
     [ -n "$registry" ] || die "--platform kube needs --registry (or NUCTL_REGISTRY): the cluster pulls the built image from there"
     platform_args+=(--namespace "$namespace")
     deploy_args=(--registry "$registry" --run-registry "${run_registry:-$registry}")
+    if [ "$function_file" = function.yaml ]; then
+      # One torch thread per worker and a CPU limit equal to the request (2 workers, 2 cores):
+      # unbounded, one request spreads over every core of the node and reads as several hundred
+      # percent of the request, so the autoscaler would go straight to maxReplicas. --env
+      # OMP_NUM_THREADS=N overrides the thread count.
+      deploy_args+=(--resource-limit cpu=2 --env OMP_NUM_THREADS=1)
+    fi
     ;;
   *) die "--platform must be local or kube, not '$platform'" ;;
 esac

@@ -406,6 +406,16 @@ def test_kube_deploy(deploy):
     assert calls[-1]["args"] == ["get", "function", "--platform", "kube", "--namespace", "cvat-nuclio"]
 
 
+def test_kube_cpu_workers_are_bounded_so_the_autoscaler_means_something(deploy):
+    kube = ["--platform", "kube", "--registry", "registry.example:5000"]
+    cpu_args = the_deploy(deploy("deploy_cpu.sh", *kube)[1])["args"]
+    cpu_request = yaml.safe_load((ROOT / "function.yaml").read_text())["spec"]["resources"]["requests"]["cpu"]
+    assert option(cpu_args, "--resource-limit") == [f"cpu={cpu_request}"]
+    assert "OMP_NUM_THREADS=1" in option(cpu_args, "--env")
+    for args in (the_deploy(deploy("deploy_gpu.sh", *kube)[1])["args"], the_deploy(deploy("deploy_cpu.sh")[1])["args"]):
+        assert "--resource-limit" not in args and "OMP_NUM_THREADS=1" not in option(args, "--env")
+
+
 def test_kube_pulls_from_the_push_registry_by_default(deploy):
     _, calls = deploy("deploy_cpu.sh", "--platform", "kube", env={"NUCTL_REGISTRY": "reg.example"})
     args = the_deploy(calls)["args"]
