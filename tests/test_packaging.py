@@ -598,3 +598,17 @@ def test_readme_states_the_cvat_and_nuclio_versions_the_yamls_need():
     nuclio = ".".join(map(str, max(needed)))
     assert re.findall(r"\*\*Nuclio (\S+) or later\*\*", readme) == [nuclio]
     assert re.findall(r"\*\*CVAT (\S+) or later\*\*", readme) == [CVAT_MIN]
+
+
+def test_readme_soak_and_sizing_figures_are_the_recorded_ones():
+    readme = (ROOT / "README.md").read_text()
+    soak = json.loads((ROOT / "bench/results/soak.json").read_text())
+    assert all(soak["targets"].values()), soak["targets"]
+    statuses = soak["answers_by_status"]
+    answers = f"{soak['requests']:,}: " + " and ".join(f"{n:,} × {s}" for s, n in sorted(statuses.items()))
+    assert f"| Answers | {answers}," in readme
+    assert f"One run at {soak['git_commit'][:7]} " in readme
+    sizing = json.loads((ROOT / "bench/results/redis-sizing.json").read_text())
+    for size in sizing["sizes"]:
+        row = next(line for line in readme.splitlines() if line.startswith(f"| {size['image_size']} "))
+        assert f"**{size['steady_used_memory_per_object_mib']:.2f} MiB**" in row, row
