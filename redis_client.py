@@ -45,6 +45,8 @@ class Connector:
         return self._client is not None
 
     def client(self):
+        if self._client is not None:  # every store call asks: no lock once built
+            return self._client
         with self._lock:
             if self._client is None:
                 self._client = self._build()

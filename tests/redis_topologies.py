@@ -81,7 +81,19 @@ def store_user(user: str, password: str, prefix: str) -> tuple:
 
 # --- Sentinel ----------------------------------------------------------------------------------
 
-class SentinelSet:
+class _ServerGroup:
+    """Processes started together: `start()` runs the subclass's `_start()`, and closes whatever
+    it had started if it fails, so that no process is left behind."""
+
+    def start(self):
+        try:
+            return self._start()
+        except BaseException:
+            self.close()
+            raise
+
+
+class SentinelSet(_ServerGroup):
     """A master, one replica, and three Sentinels watching them as `name`."""
 
     def __init__(self, name: str = "tracked", *data_node_args: str):
@@ -92,13 +104,6 @@ class SentinelSet:
         self.sentinels: list[subprocess.Popen] = []
         self.sentinel_ports = [free_port() for _ in range(3)]
         self._dir = tempfile.mkdtemp(prefix="redis-sentinel-test-")
-
-    def start(self) -> "SentinelSet":
-        try:
-            return self._start()
-        except BaseException:
-            self.close()  # no process left behind
-            raise
 
     def _start(self) -> "SentinelSet":
         self.master.start()
@@ -159,20 +164,13 @@ class SentinelSet:
 
 # --- Cluster -----------------------------------------------------------------------------------
 
-class Cluster:
+class Cluster(_ServerGroup):
     """Three masters, no replicas, every slot covered (`redis-cli --cluster create`)."""
 
     def __init__(self):
         # The cluster bus listens on port + 10000.
         self.nodes = [RedisServer("--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
                                   port=_port_below(55536)) for _ in range(3)]
-
-    def start(self) -> "Cluster":
-        try:
-            return self._start()
-        except BaseException:
-            self.close()  # no process left behind
-            raise
 
     def _start(self) -> "Cluster":
         for node in self.nodes:
